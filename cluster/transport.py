@@ -1,0 +1,208 @@
+"""Weight broadcast from learner rank 0 to the rollout engines, behind one interface.
+
+Wire protocol of one send (every message is a broadcast from rank 0):
+  1. header: int64 [status, version, payload_len];
+  2. if payload_len > 0: a uint8 payload (JSON metadata on the first send; the reason on abort);
+  3. if status is OK: one flat buffer per bucket, in metadata order.
+Metadata (names, shapes, dtypes, bucket layout) travels once, with the first send. Receivers
+always take part in every broadcast the header announces, even when they are going to raise
+(wrong version), so the group is never left half way through a send.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cluster.netutil import bound_tcp_store
+from conf.errors import PolarisError
+
+_OK, _ABORT = 0, 1
+
+
+class WeightSyncError(PolarisError):
+    """The weight broadcast group disagrees (version, tensor set) or a transfer failed."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # in elements of the bucket's dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    dtype: torch.dtype
+    entries: tuple[_Entry, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+
+def plan_buckets(named: list[tuple[str, torch.Tensor]], bucket_mb: float) -> list[_Bucket]:
+    """Consecutive tensors of one dtype share a bucket up to bucket_mb; a larger tensor travels alone."""
+    limit = bucket_mb * 2**20
+    buckets: list[_Bucket] = []
+    run: list[_Entry] = []
+    dtype, nbytes = None, 0
+    for name, t in named:
+        size = t.numel() * t.element_size()
+        if run and (t.dtype != dtype or nbytes + size > limit):
+            buckets.append(_Bucket(dtype, tuple(run)))  # type: ignore[arg-type]
+            run, nbytes = [], 0
+        offset = run[-1].offset + run[-1].numel if run else 0
+        run.append(_Entry(name, tuple(t.shape), offset, t.numel()))
+        dtype, nbytes = t.dtype, nbytes + size
+    if run:
+        buckets.append(_Bucket(dtype, tuple(run)))  # type: ignore[arg-type]
+    return buckets
+
+
+def _encode(buckets: list[_Bucket]) -> bytes:
+    return json.dumps([[str(b.dtype).removeprefix("torch."), [[e.name, list(e.shape), e.offset, e.numel]
+                                                            for e in b.entries]] for b in buckets]).encode()
+
+
+def _decode(raw: bytes) -> list[_Bucket]:
+    return [_Bucket(getattr(torch, dt), tuple(_Entry(n, tuple(s), o, k) for n, s, o, k in entries))
+            for dt, entries in json.loads(raw)]
+
+
+def _mismatch(buckets: list[_Bucket], named: list[tuple[str, torch.Tensor]]) -> str:
+    want = {e.name: (b.dtype, e.shape) for b in buckets for e in b.entries}
+    got = {n: (t.dtype, tuple(t.shape)) for n, t in named}
+    if len(got) != len(named):
+        return "duplicate tensor names in send"
+    if want.keys() != got.keys():
+        return (f"tensor names changed since the first send: missing {sorted(want.keys() - got.keys())[:5]}, "
+                f"new {sorted(got.keys() - want.keys())[:5]}")
+    bad = [f"{n}: {want[n]} -> {got[n]}" for n in want if want[n] != got[n]]
+    return f"tensor dtype/shape changed since the first send: {bad[:5]}" if bad else ""
+
+
+class WeightTransport(abc.ABC):
+    """Rank 0 sends named tensors; every other rank receives them, bucket by bucket."""
+
+    @abc.abstractmethod
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+    @abc.abstractmethod
+    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields tensors as their bucket arrives; consume it to the end (closing it early drains)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class GlooTransport(WeightTransport):
+    """CPU transport: a standalone gloo group on its own TCPStore, both bound to `host`.
+
+    Never touches the default torch.distributed group (the learner's DeepSpeed one). The
+    constructor blocks until all `world_size` ranks joined (at most `timeout_s`); receivers may
+    join before the sender. `dtype` casts floating tensors on arrival (the engine dtype).
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, *, bucket_mb: float = 256.0,
+                 timeout_s: float = 300.0, dtype: torch.dtype | None = None) -> None:
+        if not 0 <= rank < world_size or world_size < 2:
+            raise WeightSyncError(f"weight group needs 0 <= rank < world_size and world_size >= 2, "
+                                  f"got rank={rank} world_size={world_size}")
+        self.rank, self.world_size, self.bucket_mb, self.dtype = rank, world_size, bucket_mb, dtype
+        self._where = f"weight group {host}:{port} rank {rank}/{world_size}"
+        self._buckets: list[_Bucket] | None = None
+        try:
+            self._store: dist.TCPStore | None = bound_tcp_store(host, port, is_master=rank == 0,
+                                                                 timeout_s=timeout_s)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]  # gloo listens on host only
+            opts._timeout = datetime.timedelta(seconds=timeout_s)
+            self._pg: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(self._store, rank, world_size, opts)
+        except (RuntimeError, OSError) as e:
+            raise WeightSyncError(f"{self._where}: could not form the group within {timeout_s}s "
+                                  f"(are all {world_size} ranks started with this port?): {e}") from e
+
+    def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        if self._pg is None:
+            raise WeightSyncError(f"{self._where}: transport is closed")
+        try:
+            self._pg.broadcast([t.view(torch.uint8) if t.dtype != torch.uint8 else t],
+                               dist.BroadcastOptions()).wait()  # bytes: exact for every dtype
+        except RuntimeError as e:
+            raise WeightSyncError(f"{self._where}: broadcast failed or timed out; re-form the group: {e}") from e
+        return t
+
+    def _header(self, status: int = 0, version: int = 0, payload: bytes = b"") -> tuple[int, int, bytes]:
+        head = self._bcast(torch.tensor([status, version, len(payload)], dtype=torch.int64))
+        n = int(head[2])
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(n, dtype=torch.uint8)
+        raw = bytes(self._bcast(buf).numpy()) if n else b""
+        return int(head[0]), int(head[1]), raw
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        if self.rank != 0:
+            raise WeightSyncError(f"{self._where}: only rank 0 sends")
+        named = [(n, t.detach()) for n, t in named_tensors]
+        buckets = self._buckets or plan_buckets(named, self.bucket_mb)
+        reason = _mismatch(buckets, named)
+        if reason:  # tell receivers before raising, so they raise too instead of waiting
+            self._header(_ABORT, version, reason.encode())
+            raise WeightSyncError(f"{self._where}: {reason}")
+        self._header(_OK, version, b"" if self._buckets else _encode(buckets))
+        self._buckets, tensors = buckets, dict(named)
+        for b in buckets:
+            flat = torch.cat([tensors[e.name].reshape(-1).to("cpu") for e in b.entries])
+            self._bcast(flat)
+
+    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.rank == 0:
+            raise WeightSyncError(f"{self._where}: rank 0 sends, it does not receive")
+        status, sent_version, payload = self._header()
+        if status == _ABORT:
+            raise WeightSyncError(f"{self._where}: sender aborted version {sent_version}: {payload.decode()}")
+        if payload:
+            self._buckets = _decode(payload)
+        if self._buckets is None:
+            raise WeightSyncError(f"{self._where}: no metadata received (joined after the first send?)")
+        pending = list(self._buckets)
+        if sent_version != version:
+            for b in pending:  # drain, so sender and other receivers finish this send
+                self._bcast(torch.empty(b.numel, dtype=b.dtype))
+            raise WeightSyncError(f"{self._where}: expected weight version {version}, sender sent {sent_version}")
+        try:
+            while pending:
+                b = pending[0]
+                flat = self._bcast(torch.empty(b.numel, dtype=b.dtype))
+                pending.pop(0)
+                for e in b.entries:
+                    t = flat[e.offset:e.offset + e.numel].view(e.shape)
+                    yield e.name, (t.to(self.dtype) if self.dtype and t.is_floating_point() else t)
+        except GeneratorExit:  # consumer stopped early: finish the send for everyone else
+            for b in pending:
+                self._bcast(torch.empty(b.numel, dtype=b.dtype))
+            raise
+
+    def close(self) -> None:
+        if self._pg is not None:
+            self._pg.shutdown()
+        self._pg, self._store = None, None  # the master's store closes its listening socket
+
+
+def make_transport(backend: str, host: str, port: int, rank: int, world_size: int, *,
+                   bucket_mb: float = 256.0, timeout_s: float = 300.0,
+                   dtype: torch.dtype | None = None) -> WeightTransport:
+    """The transport for `backend` ("gloo" now; "nccl" for GPU engines comes later)."""
+    if backend == "gloo":
+        return GlooTransport(host, port, rank, world_size, bucket_mb=bucket_mb, timeout_s=timeout_s, dtype=dtype)
+    if backend == "nccl":
+        raise NotImplementedError("the NCCL weight transport arrives with the vLLM engine issue "
+                                  "(DESIGN.md section 3, weight broadcast); use backend='gloo'")
+    raise WeightSyncError(f"unknown weight transport backend {backend!r}; valid: 'gloo', 'nccl'")

@@ -1,0 +1,172 @@
+"""Command line -> validated Config: `[conf=NAME] [key.sub=value ...]`.
+
+A conf NAME is a YAML file in this folder (or a path to one). A YAML may start with
+`base: OTHER` to override another conf instead of the schema defaults.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Sequence, get_type_hints
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from conf.errors import ConfigError
+from conf.schema import Config
+
+CONF_DIR = Path(__file__).resolve().parent
+DEFAULT_CONF = "tiny"
+
+
+def available_confs() -> list[str]:
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def load_config(argv: Sequence[str]) -> Config:
+    conf_name, overrides = _split_argv(argv)
+    cfg = OmegaConf.structured(Config)
+    for layer in _conf_chain(conf_name):
+        cfg = _merge(cfg, layer.pop("__source__"), layer)
+    cfg = _merge(cfg, "the command line", _parse_overrides(overrides))
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def _split_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
+    conf_args = [a for a in argv if a.startswith("conf=")]
+    if len(conf_args) > 1:
+        raise ConfigError(f"conf= given {len(conf_args)} times ({', '.join(conf_args)}); give it at most once")
+    for arg in argv:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"argument {arg!r} is not key=value (usage: launch.py [conf=NAME] [key.sub=value ...])")
+    name = conf_args[0].split("=", 1)[1] if conf_args else DEFAULT_CONF
+    return name, [a for a in argv if not a.startswith("conf=")]
+
+
+def _conf_chain(name: str, seen: tuple[str, ...] = ()) -> list[dict]:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown conf {name!r}; valid names: {', '.join(available_confs())} (or a path to a .yaml file)")
+    if name in seen:
+        raise ConfigError(f"conf {name!r}: 'base' chain loops ({' -> '.join(seen + (name,))})")
+    try:
+        layer = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    except Exception as exc:  # yaml errors carry line numbers
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    base = layer.pop("base", None)
+    layer["__source__"] = str(path)
+    return (_conf_chain(str(base), seen + (name,)) if base else []) + [layer]
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(overrides))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse command-line overrides: {exc}") from None
+
+
+def _merge(cfg: Any, source: str, layer: dict) -> Any:
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except ConfigKeyError as exc:
+        raise ConfigError(f"{source}: {_unknown_key_message(exc.full_key or str(exc.key))}") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: bad value for config key '{key}': {reason}") from None
+
+
+def _unknown_key_message(full_key: str) -> str:
+    parts = full_key.split(".")
+    node: Any = Config
+    for i, part in enumerate(parts):
+        names = [f.name for f in fields(node)]
+        if part not in names:
+            parent = ".".join(parts[:i]) or "the top level"
+            hint = difflib.get_close_matches(part, names, n=1)
+            maybe = f" (did you mean '{hint[0]}'?)" if hint else ""
+            return f"unknown config key '{full_key}'{maybe}; valid keys under {parent}: {', '.join(names)}"
+        node = get_type_hints(node)[part]
+        if not is_dataclass(node):
+            break
+    return f"unknown config key '{full_key}'"
+
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def validate(c: Config) -> None:
+    """Range and cross-field checks that types alone cannot express."""
+    _check(c.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
+    _check(c.trainer.save_every >= 1, "trainer.save_every", "must be >= 1")
+    _check(c.trainer.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0 = never)")
+    _one_of(c.trainer.device, "trainer.device", ("cpu", "cuda"))
+    _check(c.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+    _check(c.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    _one_of(c.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    _one_of(c.rollout.engine, "rollout.engine", ("hf", "vllm"))
+    policy_rows = c.rollout.n - 1 if c.algorithm.hri.enable else c.rollout.n
+    _check(
+        policy_rows >= 2,
+        "rollout.n",
+        f"{c.rollout.n} leaves {policy_rows} policy row(s) per group"
+        f"{' (one row is the injected reference)' if c.algorithm.hri.enable else ''}; GRPO needs >= 2",
+    )
+    _check(c.rollout.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+    _check(c.rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+    _check(c.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+    for name in ("sampling", "val_sampling"):
+        s = getattr(c.rollout, name)
+        _check(s.temperature > 0, f"rollout.{name}.temperature", "must be > 0")
+        _check(0 < s.top_p <= 1, f"rollout.{name}.top_p", "must be in (0, 1]")
+        _check(s.repetition_penalty > 0, f"rollout.{name}.repetition_penalty", "must be > 0")
+        _check(s.max_new_tokens >= 1, f"rollout.{name}.max_new_tokens", "must be >= 1")
+    a = c.algorithm
+    _check(0 <= a.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)")
+    _check(a.clip_high >= a.clip_low, "algorithm.clip_high", f"({a.clip_high}) must be >= algorithm.clip_low ({a.clip_low})")
+    _check(a.adv_eps > 0, "algorithm.adv_eps", "must be > 0")
+    _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+    _check(a.hri.peak_weight >= 0, "algorithm.hri.peak_weight", "must be >= 0")
+    _check(a.hri.warmup_steps >= 0, "algorithm.hri.warmup_steps", "must be >= 0")
+    _check(a.hri.decay_steps >= 0, "algorithm.hri.decay_steps", "must be >= 0")
+    _check(a.hri.final_weight >= 0, "algorithm.hri.final_weight", "must be >= 0")
+    l = c.learner
+    _check(l.world_size >= 1, "learner.world_size", "must be >= 1")
+    _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"{l.zero_stage} is not one of 0, 1, 2, 3")
+    _check(l.lr > 0, "learner.lr", f"must be > 0 (got {l.lr})")
+    _check(l.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
+    _check(l.grad_clip > 0, "learner.grad_clip", "must be > 0")
+    _check(l.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
+    r = c.reward
+    _one_of(r.score_mode, "reward.score_mode", ("sum", "mean", "last"))
+    _check(r.token_clip > 0, "reward.token_clip", "must be > 0")
+    _check(r.length.min_target >= 1, "reward.length.min_target", "must be >= 1")
+    _check(0 <= r.blank_min_visible_ratio <= 1, "reward.blank_min_visible_ratio", "must be in [0, 1]")
+    _one_of(c.judge.backend, "judge.backend", ("local", "gemini", "openai"))
+    _one_of(c.judge.service_tier, "judge.service_tier", ("flex", "standard"))
+    _check(c.judge.max_concurrency >= 1, "judge.max_concurrency", "must be >= 1")
+    _check(c.judge.max_attempts >= 1, "judge.max_attempts", "must be >= 1")
+    _check(c.judge.timeout_s > 0, "judge.timeout_s", "must be > 0")
+    _one_of(c.weight_sync.backend, "weight_sync.backend", ("auto", "gloo", "nccl"))
+    _check(c.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
+    _check(
+        not (c.trainer.device == "cpu" and c.weight_sync.backend == "nccl"),
+        "weight_sync.backend",
+        "nccl needs trainer.device=cuda",
+    )

@@ -1,0 +1,169 @@
+"""The typed config schema. Defaults here are the original POLARIS HRI run (DESIGN.md section 2);
+the YAML files in this folder only override them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 160
+    output_dir: str = "outputs/polaris"
+    seed: int = 42
+    save_every: int = 5
+    eval_every: int = 20
+    device: str = "cuda"  # cpu | cuda
+    wandb_project: str = "polaris-rl"
+    progress_bar: bool = True
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/polaris/train.parquet"
+    val_path: str = "data/polaris/val.parquet"
+    prompts_per_step: int = 8
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class TinyModelConfig:
+    """Used when model.path == "tiny": the locally built model (learner/tiny_model.py)."""
+
+    seed: int = 0
+    cache_dir: str = ""  # "" = $POLARIS_CACHE or ~/.cache/polaris-rl
+
+
+@dataclass
+class ModelConfig:
+    path: str = "Qwen/Qwen3.5-9B"  # a Hugging Face folder/name, or "tiny"
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    enable_thinking: bool = True
+    gradient_checkpointing: bool = True
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 20  # <= 0 disables
+    repetition_penalty: float = 1.10
+    max_new_tokens: int = 8192
+
+
+def _validation_sampling() -> SamplingConfig:
+    return SamplingConfig(temperature=0.8)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # hf | vllm
+    n: int = 6  # group size; with the reference injected, n-1 rows are policy samples
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    max_staleness: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    val_sampling: SamplingConfig = field(default_factory=_validation_sampling)
+
+
+@dataclass
+class HRIConfig:
+    enable: bool = True
+    peak_weight: float = 0.4
+    warmup_steps: int = 15
+    decay_steps: int = 0  # 0 = stay at peak (the original run)
+    final_weight: float = 0.4
+
+
+@dataclass
+class AlgorithmConfig:
+    hri: HRIConfig = field(default_factory=HRIConfig)
+    clip_low: float = 0.20
+    clip_high: float = 0.28
+    adv_eps: float = 1e-6
+    kl_coef: float = 0.0
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = 1
+    zero_stage: int = 3
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 1  # rows per micro-batch per learner rank
+
+
+@dataclass
+class RewardWeights:
+    self_rep: float = 1.5
+    length: float = 0.8
+    blank: float = 1.0
+
+
+def _validation_weights() -> RewardWeights:
+    return RewardWeights(self_rep=0.8, length=0.2, blank=1.0)
+
+
+@dataclass
+class LengthBandConfig:
+    min_target: int = 150
+    lo_frac: float = 0.15
+    lo_min: float = 350
+    lo_max: float = 1000
+    hi_frac: float = 0.25
+    hi_min: float = 600
+    hi_max: float = 1500
+
+
+@dataclass
+class RewardConfig:
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    val_weights: RewardWeights = field(default_factory=_validation_weights)
+    length: LengthBandConfig = field(default_factory=LengthBandConfig)
+    blank_min_visible_ratio: float = 0.10
+    blank_min_words: int = 150
+    think_budget_tokens: int = 3072
+    think_overflow_penalty: float = 0.05
+    truncation_start_tokens: int = 7680
+    truncation_scale_tokens: int = 512
+    token_clip: float = 2.0
+    score_mode: str = "sum"  # sum | mean | last
+
+
+@dataclass
+class JudgeConfig:
+    backend: str = "gemini"  # local | gemini | openai
+    model: str = "gemini-3-flash-preview"
+    temperature: float = 0.2
+    top_p: float = 0.9
+    thinking_level: str = "medium"
+    service_tier: str = "flex"  # flex | standard
+    vertex: bool = False
+    api_key_env: str = "GEMINI_API_KEY"
+    base_url: str = ""  # "" = the SDK's default endpoint (or the loopback server for local)
+    max_concurrency: int = 32
+    max_attempts: int = 6
+    timeout_s: float = 900.0
+
+
+@dataclass
+class WeightSyncConfig:
+    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
+    bucket_mb: int = 256
+
+
+@dataclass
+class Config:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)

