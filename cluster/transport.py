@@ -151,12 +151,13 @@ class GlooTransport(WeightTransport):
         if self.rank != 0:
             raise WeightSyncError(f"{self._where}: only rank 0 sends")
         named = [(n, t.detach()) for n, t in named_tensors]
-        buckets = self._buckets or plan_buckets(named, self.bucket_mb)
+        first = self._buckets is None
+        buckets = plan_buckets(named, self.bucket_mb) if first else self._buckets
         reason = _mismatch(buckets, named)
         if reason:  # tell receivers before raising, so they raise too instead of waiting
             self._header(_ABORT, version, reason.encode())
             raise WeightSyncError(f"{self._where}: {reason}")
-        self._header(_OK, version, b"" if self._buckets else _encode(buckets))
+        self._header(_OK, version, _encode(buckets) if first else b"")
         self._buckets, tensors = buckets, dict(named)
         for b in buckets:
             flat = torch.cat([tensors[e.name].reshape(-1).to("cpu") for e in b.entries])

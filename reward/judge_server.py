@@ -33,6 +33,9 @@ _CLICHES = ("suddenly", "little did", "heart pounded", "once upon a time", "in t
 _TELLING = re.compile(r"\b(felt|feel|feeling|was (very )?(sad|happy|angry|afraid|scared))\b",
                       re.IGNORECASE)
 
+_PROMPT_STOPWORDS = {"write", "story", "about", "that", "with", "your", "their", "there", "this",
+                     "from", "they", "have", "what", "when", "which", "where", "would", "should"}
+
 
 @dataclass
 class Faults:
@@ -64,7 +67,7 @@ def story_features(story: str, prompt: str = "") -> dict[str, float]:
     sents = [len(s.split()) for s in re.split(r"[.!?]+", story) if s.split()]
     mean = sum(sents) / len(sents) if sents else 0.0
     var = sum((x - mean) ** 2 for x in sents) / len(sents) if sents else 0.0
-    p_words = set(re.findall(r"[a-z']{4,}", prompt.lower()))
+    p_words = set(re.findall(r"[a-z']{4,}", prompt.lower())) - _PROMPT_STOPWORDS
     return {
         "length": _clamp01(n / 400),
         "diversity": _clamp01((mattr - 0.4) / 0.4),
@@ -159,6 +162,7 @@ class LocalJudgeServer:
         self.port = port
         self.faults = faults or Faults()
         self.requests: list[dict] = []  # {"path", "body", "headers"} without key headers
+        self.in_flight = self.max_in_flight = 0
         self._rng = random.Random(self.faults.seed)
         self._script = list(self.faults.script)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,6 +177,14 @@ class LocalJudgeServer:
             return _error(400, "INVALID_ARGUMENT", "request body is not JSON")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in API_KEY_HEADERS}
         self.requests.append({"path": request.path, "body": body, "headers": headers})
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(request, body)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request, body: dict) -> web.Response:
         outcome = self._script.pop(0) if self._script else self._draw()
         if outcome == "429":
             return _error(429, "RESOURCE_EXHAUSTED", "stand-in judge: rate limited",
@@ -232,6 +244,7 @@ class LocalJudgeServer:
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
             try:
                 self._loop.run_until_complete(self._serve())
             except BaseException as e:  # noqa: BLE001 -- handed to start()'s caller
@@ -240,7 +253,11 @@ class LocalJudgeServer:
                 return
             ready.set()
             self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
         self._thread = threading.Thread(target=run, name="local-judge", daemon=True)
@@ -260,6 +277,8 @@ class LocalJudgeServer:
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:
+            # in-flight requests get shutdown_timeout to finish, then are cancelled
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._loop = self._thread = None

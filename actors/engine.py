@@ -1,0 +1,117 @@
+"""Rollout engines behind one interface: token ids in, sampled token ids + logprobs out.
+
+Logprobs are of the sampled tokens under the policy at the sampling temperature, before
+top-k/top-p/repetition-penalty processing: the same quantity the learner recomputes from its
+logits / temperature, so on-policy rows have an importance ratio of exactly 1.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    request_id: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str  # "stop" | "length"
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]: ...
+
+    @abstractmethod
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the policy weights in place (checkpoint-format names)."""
+
+
+class HFEngine(RolloutEngine):
+    """transformers' generate on one device. Batches all requests of a call together; the batch's
+    sampling RNG is seeded from the requests' seeds (per-sample seeding is the vLLM engine's)."""
+
+    def __init__(self, model_path: str, *, dtype: torch.dtype, device: str, stop_token_ids: Sequence[int],
+                 pad_token_id: int, max_batch_size: int = 64):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.device = device
+        self.stop_token_ids = list(stop_token_ids)
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
+        out: list[Generation] = []
+        for start in range(0, len(requests), self.max_batch_size):
+            out += self._generate_batch(requests[start:start + self.max_batch_size], sampling)
+        return out
+
+    def _generate_batch(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
+        width = max(len(r.prompt_token_ids) for r in requests)
+        input_ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, r in enumerate(requests):  # left padding: every row's next token sits at the right edge
+            input_ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            attention_mask[i, width - len(r.prompt_token_ids):] = 1
+        torch.manual_seed(hash(tuple(r.seed for r in requests)) % (2**63))
+        result = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else None,
+            repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.stop_token_ids, pad_token_id=self.pad_token_id,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        new_tokens = result.sequences[:, width:].cpu()
+        raw_logits = torch.stack(result.logits, dim=1).float().cpu()  # [B, T, V], unprocessed
+        logprobs = torch.log_softmax(raw_logits / sampling.temperature, dim=-1)
+        token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        generations = []
+        for i, r in enumerate(requests):
+            ids = new_tokens[i].tolist()
+            length, finish = len(ids), "length"
+            for t, tok in enumerate(ids):
+                if tok in self.stop_token_ids:
+                    length, finish = t + 1, "stop"
+                    break
+            generations.append(Generation(r.request_id, tuple(ids[:length]),
+                                          tuple(token_logprobs[i, :length].tolist()), finish))
+        return generations
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"engine model has no weight named {name!r}")
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
+def build_engine(kind: str, model_path: str, *, dtype: torch.dtype, device: str,
+                 stop_token_ids: Sequence[int], pad_token_id: int) -> RolloutEngine:
+    if kind == "hf":
+        return HFEngine(model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
+                        pad_token_id=pad_token_id)
+    raise NotImplementedError(f"rollout.engine={kind!r}: the vLLM engine arrives with issue 4; use rollout.engine=hf")

@@ -1,0 +1,64 @@
+"""A rollout worker: one engine, the weight version it holds, and its end of the weight group.
+A plain class; cluster/roles.py makes it a Ray actor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.engine import GenerationRequest, SamplingParams, build_engine
+from cluster.transport import WeightSyncError
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One policy rollout, stamped with the weight version that produced it."""
+
+    uid: str
+    sample_index: int
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str
+    weight_version: int
+
+
+class RolloutWorker:
+    def __init__(self, engine_kind: str, model_path: str, *, dtype: str, device: str,
+                 stop_token_ids: list[int], pad_token_id: int, num_threads: int = 0):
+        import torch
+
+        from learner.worker import DTYPES
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.engine = build_engine(engine_kind, model_path, dtype=DTYPES[dtype], device=device,
+                                   stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
+        self.weight_version = 0
+        self.transport = None
+        self._engine_dtype = DTYPES[dtype]
+
+    def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
+        """requests: (uid, sample_index, prompt token ids, seed)."""
+        engine_requests = [GenerationRequest(f"{uid}/{i}", ids, seed) for uid, i, ids, seed in requests]
+        generations = self.engine.generate(engine_requests, sampling)
+        return [
+            Sample(uid, i, ids, g.token_ids, g.logprobs, g.finish_reason, self.weight_version)
+            for (uid, i, ids, _), g in zip(requests, generations)
+        ]
+
+    def init_weight_sync(self, backend: str, host: str, port: int, rank: int, world_size: int, bucket_mb: int) -> None:
+        from cluster.transport import make_transport
+
+        self.transport = make_transport(backend, host, port, rank, world_size, bucket_mb=bucket_mb,
+                                        dtype=self._engine_dtype)
+
+    def receive_weights(self, version: int) -> int:
+        """Receive version `version` from learner rank 0 and load it; the sender checks the same
+        number, so an engine that missed an update refuses the next one instead of drifting."""
+        if version != self.weight_version + 1:
+            raise WeightSyncError(f"engine holds weight version {self.weight_version}; refusing to jump to {version}")
+        self.engine.load_weights(self.transport.receive(version))
+        self.weight_version = version
+        return version
+
+    def get_weight_version(self) -> int:
+        return self.weight_version

@@ -1,0 +1,148 @@
+"""The named Ray actors of a run and the group calls the coordinator makes on them.
+
+Every worker class is plain Python (tests build them without Ray); this module is the only
+place that turns them into actors, names them and gives them resources.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+from actors.engine import SamplingParams
+from actors.rollout_worker import RolloutWorker, Sample
+from cluster.netutil import free_port
+from conf.schema import Config
+from learner.worker import LearnerSettings, LearnerWorker, TrainBatch, TrainRow
+from reward.components import RewardParams
+from reward.worker import JudgeSettings, RewardWorker, ScoredSample, ScoringJob
+
+NAMESPACE = "polaris"
+
+
+def _node_ip() -> str:
+    return "127.0.0.1"  # multi-node placement (node IPs, placement groups) arrives with the operations issue
+
+
+def _threads(cfg: Config) -> int:
+    # On CPU the roles take turns (generate, judge, train, sync), so each may use every core.
+    return (os.cpu_count() or 1) if cfg.trainer.device == "cpu" else 0
+
+
+_LearnerActor = ray.remote(LearnerWorker)
+_RolloutActor = ray.remote(RolloutWorker)
+_RewardActor = ray.remote(RewardWorker)
+
+
+@dataclass
+class Roles:
+    learners: list
+    rollouts: list
+    reward: object
+    weight_version: int = 0
+
+    # --- rollout ---
+    def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
+        """Spread requests evenly over the engines; results come back in request order."""
+        k = len(self.rollouts)
+        shares = [requests[i::k] for i in range(k)]
+        results = ray.get([w.generate.remote(share, sampling) for w, share in zip(self.rollouts, shares) if share])
+        by_key = {(s.uid, s.sample_index): s for part in results for s in part}
+        return [by_key[(uid, i)] for uid, i, _, _ in requests]
+
+    # --- reward ---
+    def score(self, jobs: list[ScoringJob]) -> list[ScoredSample]:
+        return ray.get(self.reward.score.remote(jobs))
+
+    def preflight_judge(self) -> None:
+        ray.get(self.reward.preflight.remote())
+
+    # --- learner ---
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        per_rank = ray.get([l.train_step.remote(batch) for l in self.learners])
+        return per_rank[0]
+
+    def learner_logprobs(self, rows: list[TrainRow]) -> list[list[float]]:
+        return ray.get(self.learners[0].compute_logprobs.remote(rows))
+
+    def sync_weights(self) -> int:
+        """Learner rank 0 -> every engine. Engines start receiving first (no deadlock either way:
+        the group exists already; both sides block until everyone has joined this broadcast)."""
+        version = self.weight_version + 1
+        receiving = [w.receive_weights.remote(version) for w in self.rollouts]
+        sending = [l.broadcast_weights.remote(version) for l in self.learners]
+        ray.get(receiving + sending)
+        self.weight_version = version
+        return version
+
+    def save_hf(self, path: str, tokenizer_path: str) -> str:
+        return ray.get([l.save_hf.remote(path, tokenizer_path) for l in self.learners])[0]
+
+
+def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_token_id: int,
+                judge_base_url: str) -> Roles:
+    threads = _threads(cfg)
+    gpu = 1 if cfg.trainer.device == "cuda" else 0
+    settings = LearnerSettings(
+        model_path=model_path, dtype=cfg.model.dtype, device=cfg.trainer.device, zero_stage=cfg.learner.zero_stage,
+        lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
+        betas=(cfg.learner.adam_beta1, cfg.learner.adam_beta2), grad_clip=cfg.learner.grad_clip,
+        micro_batch_size=cfg.learner.micro_batch_size, gradient_checkpointing=cfg.model.gradient_checkpointing,
+        clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
+        temperature=cfg.rollout.sampling.temperature, pad_token_id=pad_token_id, seed=cfg.trainer.seed,
+    )
+    world = cfg.learner.world_size
+    master = (_node_ip(), free_port(_node_ip()))
+    learners = [
+        _LearnerActor.options(name=f"learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu)
+        .remote(settings, r, world, *master, num_threads=threads)
+        for r in range(world)
+    ]
+    rollouts = [
+        _RolloutActor.options(name=f"rollout-{i}", namespace=NAMESPACE, num_cpus=1,
+                              num_gpus=gpu * cfg.rollout.tensor_parallel_size)
+        .remote(cfg.rollout.engine, model_path, dtype=cfg.model.dtype, device=cfg.trainer.device,
+                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=threads)
+        for i in range(cfg.rollout.num_engines)
+    ]
+    reward = _RewardActor.options(name="reward", namespace=NAMESPACE, num_cpus=0).remote(
+        judge_settings(cfg, judge_base_url), reward_params(cfg, validation=False))
+    roles = Roles(learners, rollouts, reward)
+    _form_weight_group(cfg, roles)
+    return roles
+
+
+def _form_weight_group(cfg: Config, roles: Roles) -> None:
+    backend = cfg.weight_sync.backend
+    if backend == "auto":
+        backend = "nccl" if cfg.trainer.device == "cuda" else "gloo"
+    host, port = _node_ip(), free_port(_node_ip())
+    world = 1 + len(roles.rollouts)
+    # engine side first: their joins wait on the store that learner rank 0 then hosts
+    joins = [w.init_weight_sync.remote(backend, host, port, i + 1, world, cfg.weight_sync.bucket_mb)
+             for i, w in enumerate(roles.rollouts)]
+    joins.append(roles.learners[0].init_weight_sync.remote(backend, host, port, world, cfg.weight_sync.bucket_mb))
+    ray.get(joins)
+
+
+def judge_settings(cfg: Config, base_url: str) -> JudgeSettings:
+    j = cfg.judge
+    return JudgeSettings(backend=j.backend, model=j.model, base_url=base_url or j.base_url, api_key_env=j.api_key_env,
+                         vertex=j.vertex, flex=j.service_tier == "flex", temperature=j.temperature, top_p=j.top_p,
+                         thinking_level=j.thinking_level, max_attempts=j.max_attempts, timeout_s=j.timeout_s,
+                         max_concurrency=j.max_concurrency)
+
+
+def reward_params(cfg: Config, *, validation: bool) -> RewardParams:
+    r = cfg.reward
+    w = r.val_weights if validation else r.weights
+    return RewardParams(
+        min_target=r.length.min_target, lo_frac=r.length.lo_frac, lo_min=r.length.lo_min, lo_max=r.length.lo_max,
+        hi_frac=r.length.hi_frac, hi_min=r.length.hi_min, hi_max=r.length.hi_max,
+        min_visible_ratio=r.blank_min_visible_ratio, min_words=r.blank_min_words,
+        w_self_rep=w.self_rep, w_length=w.length, w_blank=w.blank,
+        think_budget=r.think_budget_tokens, think_penalty=r.think_overflow_penalty,
+        trunc_start=r.truncation_start_tokens, trunc_scale=r.truncation_scale_tokens,
+        clip=r.token_clip, score_mode=r.score_mode,
+    )

@@ -1,0 +1,121 @@
+"""polaris-rl: GRPO (+ human reference injection) with an LLM judge, on Ray.
+
+    python launch.py [conf=NAME] [key.sub=value ...]          # default conf=tiny: CPU, tiny model
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python launch.py conf=polaris
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from conf import Config, PolarisError, load_config, to_yaml
+
+RUNTIME_ENV = {  # every process of the run: offline hub, loopback Ray, CPU DeepSpeed where no GPU
+    "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def prepare(cfg: Config):
+    """Everything that can fail on bad input, before Ray, engines or the judge are started."""
+    from actors.data import filter_long_prompts, load_prompts
+    from conf.errors import EnvironmentSetupError
+
+    train = load_prompts(resolve(cfg.data.train_path), require_reference=cfg.algorithm.hri.enable)
+    load_prompts(resolve(cfg.data.val_path), require_reference=False)  # validated now; eval uses it later
+    if cfg.judge.backend == "gemini" and not cfg.judge.vertex and not os.environ.get(cfg.judge.api_key_env):
+        raise EnvironmentSetupError(f"judge.backend=gemini needs an API key in ${cfg.judge.api_key_env}")
+    if cfg.trainer.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EnvironmentSetupError("trainer.device=cuda but no GPU is visible; use conf=tiny or trainer.device=cpu")
+    model_path = build_or_find_model(cfg)
+    from transformers import AutoTokenizer
+
+    from actors.coordinator import ChatCodec
+
+    codec = ChatCodec(AutoTokenizer.from_pretrained(model_path), enable_thinking=cfg.model.enable_thinking,
+                      max_new_tokens=cfg.rollout.sampling.max_new_tokens)
+    train, too_long = filter_long_prompts(train, lambda r: len(codec.prompt_ids(r)), cfg.data.max_prompt_tokens)
+    print(f"data: {len(train)} training prompts ({too_long} over {cfg.data.max_prompt_tokens} tokens dropped)")
+    return train, model_path, codec
+
+
+def resolve(path: str) -> str:
+    """Relative paths: the working directory first, then the project folder."""
+    here = Path(__file__).resolve().parent / path
+    return path if Path(path).exists() or not here.exists() else str(here)
+
+
+def build_or_find_model(cfg: Config) -> str:
+    if cfg.model.path != "tiny":
+        return cfg.model.path
+    from learner.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(cfg.model.tiny.cache_dir or None, seed=cfg.model.tiny.seed))
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start one on loopback."""
+    import ray
+
+    env = {**RUNTIME_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    if cfg.trainer.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        needed = cfg.learner.world_size + cfg.rollout.num_engines
+        ray.init(num_cpus=max(needed, os.cpu_count() or 1), _node_ip_address="127.0.0.1",
+                 dashboard_host="127.0.0.1", include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def train(cfg: Config) -> Path:
+    from actors.coordinator import Coordinator
+    from actors.data import PromptSampler
+    from actors.tracking import Tracker
+    from cluster.roles import start_roles
+    from reward.judge_server import LocalJudgeServer
+
+    prompts, model_path, codec = prepare(cfg)
+    output_dir = Path(cfg.trainer.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(to_yaml(cfg))  # keys live in the environment, never in config
+    judge_server = LocalJudgeServer() if cfg.judge.backend == "local" else None
+    judge_url = judge_server.start() if judge_server else ""
+    connect_ray(cfg)
+    roles = start_roles(cfg, model_path=model_path, stop_token_ids=codec.stop_ids,
+                        pad_token_id=codec.tok.pad_token_id, judge_base_url=judge_url)
+    roles.preflight_judge()
+
+    sampler = PromptSampler(prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)
+    from omegaconf import OmegaConf
+
+    tracker = Tracker(output_dir, project=cfg.trainer.wandb_project, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+                      total_steps=cfg.trainer.total_steps, start_step=0, progress_bar=cfg.trainer.progress_bar)
+    coordinator = Coordinator(cfg, roles, codec, sampler, tracker, output_dir)
+    try:
+        coordinator.run()
+        hf_path = coordinator.export(tokenizer_path=model_path)
+    finally:
+        tracker.close()
+        if judge_server:
+            judge_server.stop()
+    print(f"done: {cfg.trainer.total_steps} steps; metrics in {output_dir / 'metrics.jsonl'}; policy in {hf_path}")
+    return hf_path
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(argv)
+        train(cfg)
+    except PolarisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
