@@ -17,13 +17,13 @@ RUNTIME_ENV = {  # every process of the run: offline hub, loopback Ray, CPU Deep
 }
 
 
-def prepare(cfg: Config):
-    """Everything that can fail on bad input, before Ray, engines or the judge are started."""
-    from actors.data import filter_long_prompts, load_prompts
+def check_inputs(cfg: Config):
+    """Data and environment checks: seconds, before any model, engine, judge call or Ray."""
+    from actors.data import load_prompts
     from conf.errors import EnvironmentSetupError
 
     train = load_prompts(resolve(cfg.data.train_path), require_reference=cfg.algorithm.hri.enable)
-    load_prompts(resolve(cfg.data.val_path), require_reference=False)  # validated now; eval uses it later
+    val = load_prompts(resolve(cfg.data.val_path), require_reference=False)
     if cfg.judge.backend == "gemini" and not cfg.judge.vertex and not os.environ.get(cfg.judge.api_key_env):
         raise EnvironmentSetupError(f"judge.backend=gemini needs an API key in ${cfg.judge.api_key_env}")
     if cfg.trainer.device == "cuda":
@@ -31,10 +31,20 @@ def prepare(cfg: Config):
 
         if not torch.cuda.is_available():
             raise EnvironmentSetupError("trainer.device=cuda but no GPU is visible; use conf=tiny or trainer.device=cpu")
-    model_path = build_or_find_model(cfg)
+    print(f"checked: config, {len(train)} training prompts ({cfg.data.train_path}), "
+          f"{len(val)} validation prompts ({cfg.data.val_path})")
+    return train
+
+
+def prepare(cfg: Config):
+    """Inputs checked, the model found or built, prompts over the length limit dropped."""
     from transformers import AutoTokenizer
 
     from actors.coordinator import ChatCodec
+    from actors.data import filter_long_prompts
+
+    train = check_inputs(cfg)
+    model_path = build_or_find_model(cfg)
 
     codec = ChatCodec(AutoTokenizer.from_pretrained(model_path), enable_thinking=cfg.model.enable_thinking,
                       max_new_tokens=cfg.rollout.sampling.max_new_tokens)
@@ -110,7 +120,10 @@ def train(cfg: Config) -> Path:
 def main(argv: list[str]) -> int:
     try:
         cfg = load_config(argv)
-        train(cfg)
+        if cfg.mode == "check":
+            check_inputs(cfg)
+        else:
+            train(cfg)
     except PolarisError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

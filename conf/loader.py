@@ -113,6 +113,7 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 def validate(c: Config) -> None:
     """Range and cross-field checks that types alone cannot express."""
+    _one_of(c.mode, "mode", ("train", "check"))
     _check(c.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     _check(c.trainer.save_every >= 1, "trainer.save_every", "must be >= 1")
     _check(c.trainer.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0 = never)")

@@ -158,6 +158,7 @@ class WeightSyncConfig:
 
 @dataclass
 class Config:
+    mode: str = "train"  # train | check (validate config, data and environment, then exit)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -126,10 +126,10 @@ ENDINGS = [
     "And so {name} learned that help often comes from the least likely place.",
 ]
 PROMPTS = [
-    "Write a {tone} story about a {role} named {name} who wants to {goal}.",
-    "Tell a {tone} tale set in {place} in which {object} changes everything.",
+    "Write {a_tone} story about a {role} named {name} who wants to {goal}.",
+    "Tell {a_tone} tale set in {place} in which {object} changes everything.",
     "Write a story about {name}, a {role}, and {friend} on the day {trouble}.",
-    "Write a {tone} short story where a {role} must {goal} in {place}.",
+    "Write {a_tone} short story where a {role} must {goal} in {place}.",
     "Tell a story about {object} and the {role} who found it.",
 ]
 PLANS = [
@@ -149,12 +149,14 @@ def make_cast(rng: random.Random) -> dict:
     pronoun, possessive = rng.choice(PRONOUNS)
     friend = rng.choice(FRIENDS)
     trouble = rng.choice(TROUBLES)
+    tone = rng.choice(TONES)
     return {
         "name": rng.choice(NAMES), "role": rng.choice(ROLES), "place": rng.choice(PLACES),
         "object": rng.choice(OBJECTS), "goal": rng.choice(GOALS), "trouble": trouble,
         "trouble_short": trouble.split(" ", 1)[1] if trouble.startswith("a ") else trouble,
         "friend": friend, "friend_cap": friend[0].upper() + friend[1:],
-        "tone": rng.choice(TONES), "pronoun_cap": pronoun.capitalize(),
+        "tone": tone, "a_tone": ("an " if tone[0] in "aeiou" else "a ") + tone,
+        "pronoun_cap": pronoun.capitalize(),
         "possessive": possessive, "feeling": rng.choice(FEELINGS),
         "weather": rng.choice(WEATHER),
     }

@@ -1,0 +1,90 @@
+"""The config system: setups, overrides, and one clear error per bad key or value."""
+import pytest
+
+from conf import ConfigError, available_confs, load_config, to_yaml
+
+
+def test_default_is_tiny_on_cpu():
+    c = load_config([])
+    assert c.model.path == "tiny" and c.trainer.device == "cpu" and c.judge.backend == "local"
+    assert c.rollout.engine == "hf" and c.rollout.n == 6
+
+
+def test_polaris_reproduces_the_original_run():
+    c = load_config(["conf=polaris"])
+    assert c.model.path == "Qwen/Qwen3.5-9B"
+    assert (c.trainer.total_steps, c.data.prompts_per_step, c.rollout.n) == (160, 8, 6)
+    assert c.algorithm.hri.enable and (c.algorithm.hri.peak_weight, c.algorithm.hri.warmup_steps) == (0.4, 15)
+    assert c.algorithm.hri.decay_steps == 0
+    assert (c.learner.lr, c.learner.warmup_steps, c.learner.grad_clip) == (1e-6, 0, 1.0)
+    assert (c.algorithm.clip_low, c.algorithm.clip_high, c.algorithm.kl_coef) == (0.20, 0.28, 0.0)
+    s = c.rollout.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens) == (1.0, 0.95, 20, 1.10, 8192)
+    assert c.rollout.val_sampling.temperature == 0.8
+    assert (c.data.max_prompt_tokens, c.reward.score_mode) == (256, "sum")
+    assert (c.trainer.save_every, c.trainer.eval_every) == (5, 20)
+    assert c.model.gradient_checkpointing and c.model.enable_thinking
+    assert (c.judge.model, c.judge.temperature, c.judge.top_p, c.judge.service_tier) == (
+        "gemini-3-flash-preview", 0.2, 0.9, "flex")
+    w, v = c.reward.weights, c.reward.val_weights
+    assert (w.self_rep, w.length, w.blank) == (1.5, 0.8, 1.0) and (v.self_rep, v.length, v.blank) == (0.8, 0.2, 1.0)
+
+
+def test_no_hri_variant_inherits_polaris():
+    c = load_config(["conf=polaris_no_hri"])
+    assert not c.algorithm.hri.enable and c.rollout.n == 6 and c.model.path == "Qwen/Qwen3.5-9B"
+    assert c.trainer.output_dir == "outputs/polaris_no_hri"
+
+
+def test_overrides_apply_in_any_position():
+    c = load_config(["rollout.n=4", "conf=polaris", "algorithm.hri.enable=false"])
+    assert c.rollout.n == 4 and not c.algorithm.hri.enable and c.model.path == "Qwen/Qwen3.5-9B"
+
+
+def test_resolved_config_round_trips_as_yaml():
+    text = to_yaml(load_config(["trainer.total_steps=7"]))
+    assert "total_steps: 7" in text
+
+
+def test_setups_are_listed():
+    assert {"tiny", "polaris", "polaris_no_hri"} <= set(available_confs())
+
+
+BAD = [
+    # (argv, words the one-line message must contain)
+    (["rollout.fo=1"], ["rollout.fo", "valid keys under rollout", "engine"]),
+    (["trainer.totl_steps=3"], ["trainer.totl_steps", "did you mean 'total_steps'"]),
+    (["nope=1"], ["'nope'", "valid keys under the top level", "trainer"]),
+    (["rollout.n=six"], ["rollout.n", "six"]),
+    (["trainer.total_steps=1.5"], ["trainer.total_steps"]),
+    (["conf=nosuch"], ["nosuch", "polaris, polaris_no_hri, tiny"]),
+    (["conf=tiny", "conf=polaris"], ["conf= given 2 times"]),
+    (["algorithm.clip_low=0.3", "algorithm.clip_high=0.2"], ["algorithm.clip_high", "algorithm.clip_low"]),
+    (["learner.lr=0"], ["learner.lr", "> 0"]),
+    (["learner.lr=-1e-6"], ["learner.lr"]),
+    (["rollout.n=2"], ["rollout.n", "policy row"]),
+    (["rollout.n=1", "algorithm.hri.enable=false"], ["rollout.n"]),
+    (["rollout.engine=sglang"], ["rollout.engine", "hf, vllm"]),
+    (["judge.backend=claude"], ["judge.backend", "local, gemini, openai"]),
+    (["rollout.sampling.top_p=1.5"], ["rollout.sampling.top_p"]),
+    (["learner.zero_stage=4"], ["learner.zero_stage"]),
+    (["trainer.total_steps=0"], ["trainer.total_steps"]),
+    (["model.dtype=int8"], ["model.dtype"]),
+    (["rollout.n"], ["rollout.n", "key=value"]),
+    (["trainer.device=cpu", "weight_sync.backend=nccl"], ["weight_sync.backend", "cuda"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_config_names_the_culprit(argv, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(argv)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_rollout_n_three_is_enough_with_hri_and_two_without():
+    assert load_config(["rollout.n=3"]).rollout.n == 3
+    assert load_config(["rollout.n=2", "algorithm.hri.enable=false"]).rollout.n == 2

@@ -1,0 +1,99 @@
+"""The launcher refuses bad input with one line naming the culprit, in seconds, before any model,
+engine, Ray or judge is started; and it accepts the original POLARIS training files."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT.parent / "shared" / "data" / "polaris_smoke"
+
+
+def run_launch(args, tmp_path, env_extra=None, timeout=60):
+    env = {**os.environ, "POLARIS_CACHE": str(tmp_path / "cache"), **(env_extra or {})}
+    env.pop("GEMINI_API_KEY", None)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+def assert_one_error(stderr, words):
+    """One message (a data error may list every bad row under it), no traceback."""
+    assert stderr.startswith("error: ") and stderr.count("error: ") == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    for word in words:
+        assert word in stderr, stderr
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def good_row(i, **changes):
+    row = {"uid": f"u{i}", "prompt": "Write a story about a fox. The story should be approximately 90 words long.",
+           "target_word_count": 90, "story": "A fox ran.", "ground_truth_reasoning": "Plan: fox."}
+    row.update(changes)
+    return row
+
+
+def bad_data_cases(tmp):
+    no_story = good_row(1)
+    del no_story["story"]
+    missing_prompt = good_row(1)
+    del missing_prompt["prompt"]
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "latin1.jsonl").write_bytes(json.dumps(good_row(0)).encode() + b"\n" + b'{"uid": "caf\xe9"}\n')
+    (tmp / "truncated.parquet").write_bytes((SMOKE / "smoke_train.parquet").read_bytes()[:2000])
+    return [
+        ("empty file", tmp / "empty.jsonl", ["empty.jsonl"]),
+        ("duplicate uid", write_jsonl(tmp / "dup.jsonl", [good_row(0), good_row(0)]), ["dup.jsonl", "uid", "u0"]),
+        ("missing prompt", write_jsonl(tmp / "noprompt.jsonl", [good_row(0), missing_prompt]), ["noprompt.jsonl", "row 1", "prompt"]),
+        ("zero target", write_jsonl(tmp / "zero.jsonl", [good_row(0, target_word_count=0)]), ["zero.jsonl", "row 0", "target_word_count"]),
+        ("fractional target", write_jsonl(tmp / "frac.jsonl", [good_row(0, target_word_count=12.5)]), ["frac.jsonl", "target_word_count"]),
+        ("no reference with HRI", write_jsonl(tmp / "nostory.jsonl", [good_row(0), no_story]), ["nostory.jsonl", "row 1", "story"]),
+        ("non-UTF-8 bytes", tmp / "latin1.jsonl", ["latin1.jsonl", "UTF-8"]),
+        ("truncated parquet", tmp / "truncated.parquet", ["truncated.parquet"]),
+        ("missing file", tmp / "absent.jsonl", ["absent.jsonl"]),
+        ("no target anywhere", write_jsonl(tmp / "notarget.jsonl", [good_row(0, prompt="Write a story.", target_word_count=None)]),
+         ["notarget.jsonl", "row 0", "target"]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_bad_training_file_stops_before_anything_starts(case, tmp_path):
+    name, path, words = bad_data_cases(tmp_path)[case]
+    proc, elapsed = run_launch([f"data.train_path={path}"], tmp_path)
+    assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
+    assert_one_error(proc.stderr, words)
+    assert elapsed < 30, f"{name}: took {elapsed:.1f}s"
+    assert not (tmp_path / "cache").exists(), "the tiny model must not be built before the data is valid"
+
+
+ENV_AND_CONFIG = [
+    (["judge.backend=gemini"], ["GEMINI_API_KEY"]),
+    (["trainer.device=cuda"], ["trainer.device=cuda", "no GPU"]),
+    (["rollout.n=2"], ["rollout.n"]),
+    (["conf=nosuch"], ["nosuch"]),
+    (["learner.lr=0"], ["learner.lr"]),
+]
+
+
+@pytest.mark.parametrize("args,words", ENV_AND_CONFIG, ids=[" ".join(a) for a, _ in ENV_AND_CONFIG])
+def test_bad_config_or_environment_exits_with_one_line(args, words, tmp_path):
+    proc, elapsed = run_launch(args, tmp_path)
+    assert proc.returncode == 2
+    assert_one_error(proc.stderr, words)
+    assert elapsed < 30 and not (tmp_path / "cache").exists()
+
+
+def test_original_polaris_training_files_validate_and_load(tmp_path):
+    proc, _ = run_launch(["mode=check", f"data.train_path={SMOKE / 'smoke_train.parquet'}",
+                          f"data.val_path={SMOKE / 'smoke_val.parquet'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 training prompts" in proc.stdout and "2 validation prompts" in proc.stdout
