@@ -97,7 +97,8 @@ def train(cfg: Config) -> Path:
     judge_url = judge_server.start() if judge_server else ""
     connect_ray(cfg)
     roles = start_roles(cfg, model_path=model_path, stop_token_ids=codec.stop_ids,
-                        pad_token_id=codec.tok.pad_token_id, judge_base_url=judge_url)
+                        pad_token_id=codec.tok.pad_token_id, judge_base_url=judge_url,
+                        run_name=output_dir.resolve().name)
     roles.preflight_judge()
 
     sampler = PromptSampler(prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)

@@ -101,8 +101,7 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
+        params = self.model.state_dict(keep_vars=True)  # includes tied aliases such as lm_head.weight
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"engine model has no weight named {name!r}")

@@ -30,6 +30,7 @@ class RolloutWorker:
 
         if num_threads:
             torch.set_num_threads(num_threads)
+        torch.set_flush_denormal(True)  # float32 denormals slow CPU math ~10x; no effect on results
         self.engine = build_engine(engine_kind, model_path, dtype=DTYPES[dtype], device=device,
                                    stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
         self.weight_version = 0

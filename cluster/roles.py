@@ -79,9 +79,15 @@ class Roles:
     def save_hf(self, path: str, tokenizer_path: str) -> str:
         return ray.get([l.save_hf.remote(path, tokenizer_path) for l in self.learners])[0]
 
+    def shutdown(self) -> None:
+        for actor in [*self.learners, *self.rollouts, self.reward]:
+            ray.kill(actor)
+
 
 def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_token_id: int,
-                judge_base_url: str) -> Roles:
+                judge_base_url: str, run_name: str) -> Roles:
+    """Actors are named "{run_name}/{role}-{i}" in the "polaris" namespace: two runs on one
+    cluster never collide, and a second run into the same output folder is refused by Ray."""
     threads = _threads(cfg)
     gpu = 1 if cfg.trainer.device == "cuda" else 0
     settings = LearnerSettings(
@@ -95,18 +101,18 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     world = cfg.learner.world_size
     master = (_node_ip(), free_port(_node_ip()))
     learners = [
-        _LearnerActor.options(name=f"learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu)
+        _LearnerActor.options(name=f"{run_name}/learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu)
         .remote(settings, r, world, *master, num_threads=threads)
         for r in range(world)
     ]
     rollouts = [
-        _RolloutActor.options(name=f"rollout-{i}", namespace=NAMESPACE, num_cpus=1,
+        _RolloutActor.options(name=f"{run_name}/rollout-{i}", namespace=NAMESPACE, num_cpus=1,
                               num_gpus=gpu * cfg.rollout.tensor_parallel_size)
         .remote(cfg.rollout.engine, model_path, dtype=cfg.model.dtype, device=cfg.trainer.device,
                 stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=threads)
         for i in range(cfg.rollout.num_engines)
     ]
-    reward = _RewardActor.options(name="reward", namespace=NAMESPACE, num_cpus=0).remote(
+    reward = _RewardActor.options(name=f"{run_name}/reward", namespace=NAMESPACE, num_cpus=0).remote(
         judge_settings(cfg, judge_base_url), reward_params(cfg, validation=False))
     roles = Roles(learners, rollouts, reward)
     _form_weight_group(cfg, roles)

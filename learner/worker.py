@@ -99,6 +99,7 @@ class LearnerWorker:
         self.s, self.rank, self.world_size = settings, rank, world_size
         if num_threads:
             torch.set_num_threads(num_threads)
+        torch.set_flush_denormal(True)  # float32 denormals slow CPU math ~10x; no effect on results
         self.device = torch.device(settings.device if settings.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))

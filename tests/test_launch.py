@@ -97,3 +97,35 @@ def test_original_polaris_training_files_validate_and_load(tmp_path):
                           f"data.val_path={SMOKE / 'smoke_val.parquet'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "8 training prompts" in proc.stdout and "2 validation prompts" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_training_steps_write_metrics_config_and_a_loadable_policy(tmp_path, ray_address, tiny_model_path):
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent), "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "trainer.total_steps=2",
+                           f"trainer.output_dir={out}", "trainer.progress_bar=false"],
+                          cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        for key in ("reward/mean", "reward/std", "length/ratio_mean", "judge/failed", "weight_version",
+                    "time/step", "time/generate", "time/judge", "time/train", "time/sync"):
+            assert r[key] is not None, key
+        assert r["time/step"] >= r["time/generate"] + r["time/train"]
+    assert [r["weight_version"] for r in rows] == [0, 1]  # step 1 sampled from the broadcast weights
+    assert rows[0]["hri/weight"] == 0.0 and rows[1]["hri/weight"] == pytest.approx(0.4 / 15)
+
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.trainer.total_steps == 2 and saved.model.path == "tiny"
+
+    model = AutoModelForCausalLM.from_pretrained(out / "hf_model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf_model")
+    assert (out / "hf_model" / "model.safetensors").exists()
+    assert model.config.vocab_size >= len(tokenizer)
+    assert list((out / "wandb").glob("offline-run-*")), "W&B offline run files"
