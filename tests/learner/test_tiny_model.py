@@ -28,16 +28,14 @@ def weights_sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("polaris-cache")
+def cache(tiny_model_path):
+    return Path(tiny_model_path).parent
 
 
 @pytest.fixture(scope="module")
-def full_model(cache):
-    """The default build (full warm-up), shared by the tests below."""
-    started = time.time()
-    path = build_tiny_model(cache, show_progress=False)
-    return path, time.time() - started
+def full_model(tiny_model_path):
+    """The default build (full warm-up): the session's shared one, as `python launch.py` builds it."""
+    return Path(tiny_model_path)
 
 
 def test_same_seed_gives_identical_weights(tmp_path):
@@ -50,17 +48,17 @@ def test_same_seed_gives_identical_weights(tmp_path):
 
 
 def test_second_call_reuses_the_cached_build(full_model, cache):
-    path, _ = full_model
+    path = full_model
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     started = time.time()
     assert build_tiny_model(cache, show_progress=False) == path
     assert time.time() - started < 1.0
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in cache.iterdir() if p.is_dir()] == [path.name]  # no temp left
+    assert not [p.name for p in cache.iterdir() if ".tmp" in p.name]  # no half-built folder left
 
 
 def test_folder_loads_as_a_qwen3_chat_model(full_model):
-    path, _ = full_model
+    path = full_model
     config = json.loads((path / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"]
     assert config["head_dim"] == 48 and config["tie_word_embeddings"] is True
@@ -84,7 +82,7 @@ def test_folder_loads_as_a_qwen3_chat_model(full_model):
 
 
 def test_warmed_up_policy_writes_stories_that_end(full_model):
-    path, build_seconds = full_model
+    path = full_model
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     rows = [json.loads(line) for line in VAL.read_text().splitlines()]
@@ -109,7 +107,7 @@ def test_warmed_up_policy_writes_stories_that_end(full_model):
     params = sum(p.numel() for p in model.parameters())
     mean_story = sum(story_words) / max(1, len(story_words))
     mean_target = sum(target_words) / max(1, len(target_words))
-    print(f"\ntiny model: build {build_seconds:.1f}s, {params / 1e6:.2f}M params, "
+    print(f"\ntiny model: {params / 1e6:.2f}M params, "
           f"ended with <|im_end|>: {ended}/{len(rows)} = {fraction:.2f}, "
           f"mean story {mean_story:.1f} words vs target {mean_target:.1f}")
     assert fraction >= 0.5
