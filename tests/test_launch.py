@@ -129,3 +129,11 @@ def test_two_training_steps_write_metrics_config_and_a_loadable_policy(tmp_path,
     assert (out / "hf_model" / "model.safetensors").exists()
     assert model.config.vocab_size >= len(tokenizer)
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run files"
+
+
+def test_checks_import_none_of_the_heavy_stack():
+    code = ("import sys, launch; from conf import load_config; launch.check_inputs(load_config([])); "
+            "print(sorted(m for m in ('ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
