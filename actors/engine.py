@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -38,12 +38,19 @@ class Generation:
 
 
 class RolloutEngine(ABC):
+    """An engine owns its end(s) of the weight group: one rank per model shard (tensor-parallel
+    workers of a vLLM engine each join), ranks first_rank .. first_rank + shards - 1."""
+
     @abstractmethod
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]: ...
 
     @abstractmethod
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the policy weights in place (checkpoint-format names)."""
+    def init_weight_sync(self, backend: str, host: str, port: int, first_rank: int, world_size: int,
+                         bucket_mb: int) -> None: ...
+
+    @abstractmethod
+    def receive_weights(self, version: int) -> None:
+        """Receive `version` from learner rank 0 and apply it in place (checkpoint-format names)."""
 
 
 class HFEngine(RolloutEngine):
@@ -99,13 +106,20 @@ class HFEngine(RolloutEngine):
                                           tuple(token_logprobs[i, :length].tolist()), finish))
         return generations
 
+    def init_weight_sync(self, backend: str, host: str, port: int, first_rank: int, world_size: int,
+                         bucket_mb: int) -> None:
+        from cluster.transport import make_transport
+
+        self.transport = make_transport(backend, host, port, first_rank, world_size, bucket_mb=bucket_mb,
+                                        dtype=self.model.dtype)
+
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def receive_weights(self, version: int) -> None:
         params = self.model.state_dict(keep_vars=True)  # includes tied aliases such as lm_head.weight
-        for name, tensor in named_tensors:
+        for name, tensor in self.transport.receive(version):
             if name not in params:
                 raise KeyError(f"engine model has no weight named {name!r}")
-            params[name].copy_(tensor.to(params[name].dtype))
+            params[name].copy_(tensor)
 
 
 def build_engine(kind: str, model_path: str, *, dtype: torch.dtype, device: str,

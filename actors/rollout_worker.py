@@ -34,8 +34,6 @@ class RolloutWorker:
         self.engine = build_engine(engine_kind, model_path, dtype=DTYPES[dtype], device=device,
                                    stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
         self.weight_version = 0
-        self.transport = None
-        self._engine_dtype = DTYPES[dtype]
 
     def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
         """requests: (uid, sample_index, prompt token ids, seed)."""
@@ -47,17 +45,14 @@ class RolloutWorker:
         ]
 
     def init_weight_sync(self, backend: str, host: str, port: int, rank: int, world_size: int, bucket_mb: int) -> None:
-        from cluster.transport import make_transport
-
-        self.transport = make_transport(backend, host, port, rank, world_size, bucket_mb=bucket_mb,
-                                        dtype=self._engine_dtype)
+        self.engine.init_weight_sync(backend, host, port, rank, world_size, bucket_mb)
 
     def receive_weights(self, version: int) -> int:
         """Receive version `version` from learner rank 0 and load it; the sender checks the same
         number, so an engine that missed an update refuses the next one instead of drifting."""
         if version != self.weight_version + 1:
             raise WeightSyncError(f"engine holds weight version {self.weight_version}; refusing to jump to {version}")
-        self.engine.load_weights(self.transport.receive(version))
+        self.engine.receive_weights(version)
         self.weight_version = version
         return version
 

@@ -124,9 +124,10 @@ def _form_weight_group(cfg: Config, roles: Roles) -> None:
     if backend == "auto":
         backend = "nccl" if cfg.trainer.device == "cuda" else "gloo"
     host, port = _node_ip(), free_port(_node_ip())
-    world = 1 + len(roles.rollouts)
+    shards = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+    world = 1 + len(roles.rollouts) * shards
     # engine side first: their joins wait on the store that learner rank 0 then hosts
-    joins = [w.init_weight_sync.remote(backend, host, port, i + 1, world, cfg.weight_sync.bucket_mb)
+    joins = [w.init_weight_sync.remote(backend, host, port, 1 + i * shards, world, cfg.weight_sync.bucket_mb)
              for i, w in enumerate(roles.rollouts)]
     joins.append(roles.learners[0].init_weight_sync.remote(backend, host, port, world, cfg.weight_sync.bucket_mb))
     ray.get(joins)

@@ -1,5 +1,8 @@
 """Weight broadcast from learner rank 0 to the rollout engines, behind one interface.
 
+Two transports share one wire protocol (BucketTransport) and differ only in how one buffer is
+broadcast: GlooTransport (CPU, torch gloo) and NcclTransport (GPU, vLLM's PyNcclCommunicator).
+
 Wire protocol of one send (every message is a broadcast from rank 0):
   1. header: int64 [status, version, payload_len];
   2. if payload_len > 0: a uint8 payload (JSON metadata on the first send; the reason on abort);
@@ -14,6 +17,7 @@ from __future__ import annotations
 import abc
 import datetime
 import json
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -103,49 +107,45 @@ class WeightTransport(abc.ABC):
     def close(self) -> None: ...
 
 
-class GlooTransport(WeightTransport):
-    """CPU transport: a standalone gloo group on its own TCPStore, both bound to `host`.
+class BucketTransport(WeightTransport):
+    """The wire protocol above, over one primitive: broadcast a byte buffer from rank 0.
 
-    Never touches the default torch.distributed group (the learner's DeepSpeed one). The
-    constructor blocks until all `world_size` ranks joined (at most `timeout_s`); receivers may
-    join before the sender. `dtype` casts floating tensors on arrival (the engine dtype).
+    Subclasses form their group in the constructor, set `device` (where buffers live) and
+    implement `_broadcast_bytes` and `close`. Tensors travel as bytes (exact for every dtype);
+    `dtype` casts floating tensors on arrival (the engine dtype).
     """
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, *, bucket_mb: float = 256.0,
-                 timeout_s: float = 300.0, dtype: torch.dtype | None = None) -> None:
+    device = torch.device("cpu")
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, *, bucket_mb: float,
+                 dtype: torch.dtype | None) -> None:
         if not 0 <= rank < world_size or world_size < 2:
             raise WeightSyncError(f"weight group needs 0 <= rank < world_size and world_size >= 2, "
                                   f"got rank={rank} world_size={world_size}")
         self.rank, self.world_size, self.bucket_mb, self.dtype = rank, world_size, bucket_mb, dtype
         self._where = f"weight group {host}:{port} rank {rank}/{world_size}"
         self._buckets: list[_Bucket] | None = None
-        try:
-            self._store: dist.TCPStore | None = bound_tcp_store(host, port, is_master=rank == 0,
-                                                                 timeout_s=timeout_s)
-            opts = dist.ProcessGroupGloo._Options()
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]  # gloo listens on host only
-            opts._timeout = datetime.timedelta(seconds=timeout_s)
-            self._pg: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(self._store, rank, world_size, opts)
-        except (RuntimeError, OSError) as e:
-            raise WeightSyncError(f"{self._where}: could not form the group within {timeout_s}s "
-                                  f"(are all {world_size} ranks started with this port?): {e}") from e
+
+    @abc.abstractmethod
+    def _broadcast_bytes(self, buf: torch.Tensor) -> None:
+        """Broadcast `buf` (contiguous uint8 on `device`) from rank 0 into every rank's `buf`.
+        Raises RuntimeError when the transfer fails, WeightSyncError when the transport is closed."""
 
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
-        if self._pg is None:
-            raise WeightSyncError(f"{self._where}: transport is closed")
         try:
-            self._pg.broadcast([t.view(torch.uint8) if t.dtype != torch.uint8 else t],
-                               dist.BroadcastOptions()).wait()  # bytes: exact for every dtype
+            self._broadcast_bytes(t.view(torch.uint8) if t.dtype != torch.uint8 else t)
         except RuntimeError as e:
             raise WeightSyncError(f"{self._where}: broadcast failed or timed out; re-form the group: {e}") from e
         return t
 
     def _header(self, status: int = 0, version: int = 0, payload: bytes = b"") -> tuple[int, int, bytes]:
-        head = self._bcast(torch.tensor([status, version, len(payload)], dtype=torch.int64))
-        n = int(head[2])
-        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(n, dtype=torch.uint8)
-        raw = bytes(self._bcast(buf).numpy()) if n else b""
-        return int(head[0]), int(head[1]), raw
+        head = self._bcast(torch.tensor([status, version, len(payload)], dtype=torch.int64, device=self.device))
+        status, version, n = head.tolist()
+        if not n:
+            return status, version, b""
+        buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device) if payload
+               else torch.empty(n, dtype=torch.uint8, device=self.device))
+        return status, version, bytes(self._bcast(buf).cpu().numpy())
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         if self.rank != 0:
@@ -160,7 +160,7 @@ class GlooTransport(WeightTransport):
         self._header(_OK, version, _encode(buckets) if first else b"")
         self._buckets, tensors = buckets, dict(named)
         for b in buckets:
-            flat = torch.cat([tensors[e.name].reshape(-1).to("cpu") for e in b.entries])
+            flat = torch.cat([tensors[e.name].reshape(-1).to(self.device) for e in b.entries])
             self._bcast(flat)
 
     def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -176,20 +176,52 @@ class GlooTransport(WeightTransport):
         pending = list(self._buckets)
         if sent_version != version:
             for b in pending:  # drain, so sender and other receivers finish this send
-                self._bcast(torch.empty(b.numel, dtype=b.dtype))
+                self._bcast(torch.empty(b.numel, dtype=b.dtype, device=self.device))
             raise WeightSyncError(f"{self._where}: expected weight version {version}, sender sent {sent_version}")
         try:
             while pending:
                 b = pending[0]
-                flat = self._bcast(torch.empty(b.numel, dtype=b.dtype))
+                flat = self._bcast(torch.empty(b.numel, dtype=b.dtype, device=self.device))
                 pending.pop(0)
                 for e in b.entries:
                     t = flat[e.offset:e.offset + e.numel].view(e.shape)
                     yield e.name, (t.to(self.dtype) if self.dtype and t.is_floating_point() else t)
         except GeneratorExit:  # consumer stopped early: finish the send for everyone else
             for b in pending:
-                self._bcast(torch.empty(b.numel, dtype=b.dtype))
+                self._bcast(torch.empty(b.numel, dtype=b.dtype, device=self.device))
             raise
+
+
+class GlooTransport(BucketTransport):
+    """CPU transport: a standalone gloo group on its own TCPStore, both bound to `host`.
+
+    Never touches the default torch.distributed group (the learner's DeepSpeed one). The
+    constructor blocks until all `world_size` ranks joined (at most `timeout_s`, which also
+    bounds every broadcast); receivers may join before the sender.
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, *, bucket_mb: float = 256.0,
+                 timeout_s: float = 300.0, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None) -> None:
+        super().__init__(host, port, rank, world_size, bucket_mb=bucket_mb, dtype=dtype)
+        if device is not None and torch.device(device).type != "cpu":
+            raise WeightSyncError(f"{self._where}: the gloo transport keeps buffers on the CPU, got "
+                                  f"device={device!r}; use backend 'nccl' for GPU engines")
+        try:
+            self._store: dist.TCPStore | None = bound_tcp_store(host, port, is_master=rank == 0,
+                                                                 timeout_s=timeout_s)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]  # gloo listens on host only
+            opts._timeout = datetime.timedelta(seconds=timeout_s)
+            self._pg: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(self._store, rank, world_size, opts)
+        except (RuntimeError, OSError) as e:
+            raise WeightSyncError(f"{self._where}: could not form the group within {timeout_s}s "
+                                  f"(are all {world_size} ranks started with this port?): {e}") from e
+
+    def _broadcast_bytes(self, buf: torch.Tensor) -> None:
+        if self._pg is None:
+            raise WeightSyncError(f"{self._where}: transport is closed")
+        self._pg.broadcast([buf], dist.BroadcastOptions()).wait()
 
     def close(self) -> None:
         if self._pg is not None:
@@ -197,13 +229,109 @@ class GlooTransport(WeightTransport):
         self._pg, self._store = None, None  # the master's store closes its listening socket
 
 
+def shared_gpus(gpus: list[str | None]) -> list[list[int]]:
+    """Groups of ranks (each of 2 or more) whose GPU identity is equal; None means unknown."""
+    ranks: dict[str, list[int]] = {}
+    for rank, gpu in enumerate(gpus):
+        if gpu is not None:
+            ranks.setdefault(gpu, []).append(rank)
+    return [r for r in ranks.values() if len(r) > 1]
+
+
+def join_gpu_group(host: str, port: int, rank: int, world_size: int, *, timeout_s: float,
+                   gpu: str | None, where: str = "weight group"):
+    """vLLM StatelessProcessGroup on our bound store; every rank learns every rank's GPU.
+
+    StatelessProcessGroup.create builds its own TCPStore (it binds a listen socket to host, but
+    with no say over libuv or timeouts of ours); the group is a plain dataclass over any store,
+    so it is built from bound_tcp_store directly. The all-gather of GPU identities doubles as
+    the join barrier (bounded by `timeout_s`). Two ranks of one NCCL communicator on one GPU
+    would hang or fail inside NCCL: every rank raises the same WeightSyncError before that.
+    """
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    try:
+        store = bound_tcp_store(host, port, is_master=rank == 0, timeout_s=timeout_s)
+        group = StatelessProcessGroup(rank=rank, world_size=world_size, store=store)
+        gpus = group.all_gather_obj(gpu)
+        group.barrier(timeout=timeout_s)  # rank 0 (the store) stays until every rank has read every identity
+    except (RuntimeError, OSError) as e:
+        raise WeightSyncError(f"{where}: could not form the group within {timeout_s}s "
+                              f"(are all {world_size} ranks started with this port?): {e}") from e
+    clash = shared_gpus(gpus)
+    if clash:
+        raise WeightSyncError(f"{where}: ranks {clash} share one GPU ({gpus[clash[0][0]]}); NCCL needs one GPU "
+                              f"per rank: place the learner and each engine worker on different GPUs")
+    return group
+
+
+class NcclTransport(BucketTransport):
+    """GPU transport: vLLM's PyNcclCommunicator over a StatelessProcessGroup on our bound store.
+
+    Assumes one GPU per rank: the learner's rank 0 and each engine worker (engines x TP ranks)
+    each own a distinct GPU; ranks that share one are refused at join (detected by GPU UUID).
+    `device` defaults to the current CUDA device (the one DeepSpeed / the vLLM worker set).
+    `timeout_s` bounds the join only: NCCL broadcasts have no timeout, a peer that never joins a
+    send blocks it. The default torch.distributed group is never touched. vLLM is imported here,
+    not at module import, so this module imports on machines without CUDA or vLLM.
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, *, bucket_mb: float = 256.0,
+                 timeout_s: float = 300.0, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None) -> None:
+        super().__init__(host, port, rank, world_size, bucket_mb=bucket_mb, dtype=dtype)
+        self._comm, self._store = None, None
+        if not torch.cuda.is_available():
+            raise WeightSyncError(f"{self._where}: the NCCL transport needs a CUDA GPU and none is visible; "
+                                  f"use backend 'gloo' on CPU")
+        self.device = torch.device("cuda" if device is None else device)
+        if self.device.type != "cuda":
+            raise WeightSyncError(f"{self._where}: the NCCL transport needs a CUDA device, got {device!r}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.utils.nccl import unpinned_nccl_env
+        except ImportError as e:
+            raise WeightSyncError(f"{self._where}: the NCCL transport needs vLLM (GPU build): {e}") from e
+        uuid = getattr(torch.cuda.get_device_properties(self.device), "uuid", None)
+        gpu = f"{socket.gethostname()}/{uuid}" if uuid is not None else None
+        group = join_gpu_group(host, port, rank, world_size, timeout_s=timeout_s, gpu=gpu, where=self._where)
+        self._store = group.store
+        try:
+            with unpinned_nccl_env():  # as vLLM's own weight transfer: a shared communicator without vLLM's NCCL pins
+                self._comm = PyNcclCommunicator(group, device=self.device)
+        except RuntimeError as e:
+            raise WeightSyncError(f"{self._where}: NCCL communicator init failed: {e}") from e
+        if self._comm.disabled:  # vLLM disables it silently when libnccl is missing or VLLM_DISABLE_PYNCCL
+            raise WeightSyncError(f"{self._where}: vLLM could not load NCCL (VLLM_NCCL_SO_PATH, VLLM_DISABLE_PYNCCL)")
+
+    def _broadcast_bytes(self, buf: torch.Tensor) -> None:
+        if self._comm is None:
+            raise WeightSyncError(f"{self._where}: transport is closed")
+        # explicit stream: the buffers are written and read on torch's current stream
+        self._comm.broadcast(buf, src=0, stream=torch.cuda.current_stream(self.device))
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        super().send(named_tensors, version)
+        torch.cuda.current_stream(self.device).synchronize()  # returned = this rank's part is done
+
+    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from super().receive(version)
+        torch.cuda.current_stream(self.device).synchronize()
+
+    def close(self) -> None:
+        if self._comm is not None:
+            self._comm.destroy()
+        self._comm, self._store = None, None
+
+
 def make_transport(backend: str, host: str, port: int, rank: int, world_size: int, *,
-                   bucket_mb: float = 256.0, timeout_s: float = 300.0,
-                   dtype: torch.dtype | None = None) -> WeightTransport:
-    """The transport for `backend` ("gloo" now; "nccl" for GPU engines comes later)."""
-    if backend == "gloo":
-        return GlooTransport(host, port, rank, world_size, bucket_mb=bucket_mb, timeout_s=timeout_s, dtype=dtype)
-    if backend == "nccl":
-        raise NotImplementedError("the NCCL weight transport arrives with the vLLM engine issue "
-                                  "(DESIGN.md section 3, weight broadcast); use backend='gloo'")
-    raise WeightSyncError(f"unknown weight transport backend {backend!r}; valid: 'gloo', 'nccl'")
+                   bucket_mb: float = 256.0, timeout_s: float = 300.0, dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> WeightTransport:
+    """The transport for `backend`: "gloo" (CPU engines) or "nccl" (GPU engines)."""
+    transports = {"gloo": GlooTransport, "nccl": NcclTransport}
+    if backend not in transports:
+        raise WeightSyncError(f"unknown weight transport backend {backend!r}; valid: 'gloo', 'nccl'")
+    return transports[backend](host, port, rank, world_size, bucket_mb=bucket_mb, timeout_s=timeout_s,
+                               dtype=dtype, device=device)

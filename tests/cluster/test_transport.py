@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cluster.netutil import free_port
-from cluster.transport import GlooTransport, WeightSyncError, make_transport, plan_buckets
+from cluster.transport import GlooTransport, WeightSyncError, make_transport, plan_buckets, shared_gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -149,6 +149,20 @@ def scenario_timeout(rank: int, ports: list[int], world: int, dtype: str | None)
     return {**out, "waited": time.monotonic() - start}
 
 
+def scenario_gpu_group(rank: int, ports: list[int], world: int, dtype: str | None) -> dict:
+    """NCCL's rendezvous half (vLLM StatelessProcessGroup on our bound store), no GPU needed."""
+    from cluster.transport import join_gpu_group
+    group = join_gpu_group(HOST, ports[0], rank, world, timeout_s=30, gpu=f"node/GPU-{rank}")
+    token = group.broadcast_obj("from-0" if rank == 0 else None, src=0)  # as PyNccl sends its unique id
+    out = {"token": token, "world": group.world_size, "listen": listening()}
+    try:  # every rank claims the same GPU: all must refuse, none may be left waiting
+        join_gpu_group(HOST, ports[1], rank, world, timeout_s=30, gpu="node/GPU-0")
+        out["clash"] = None
+    except WeightSyncError as e:
+        out["clash"] = str(e)
+    return out
+
+
 def run_group(scenario: str, world: int, ports: list[int], dtypes: dict[int, str] | None = None,
               sender_delay: float = 1.5, timeout: float = 90) -> list[dict]:
     """Start the receivers, then (after sender_delay) the sender; return each rank's result."""
@@ -194,9 +208,10 @@ def test_plan_buckets_splits_by_dtype_run_and_size():
     ]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this would start joining a group")
 def test_factory_picks_gloo_and_names_what_is_missing():
-    with pytest.raises(NotImplementedError, match="NCCL"):
-        make_transport("nccl", HOST, 1, 0, 2)
+    with pytest.raises(WeightSyncError, match="NCCL transport needs a CUDA GPU.*use backend 'gloo'"):
+        make_transport("nccl", HOST, 1, 0, 2)  # NcclTransport's own check, before any vLLM import
     with pytest.raises(WeightSyncError, match="valid: 'gloo'"):
         make_transport("mpi", HOST, 1, 0, 2)
 
@@ -265,6 +280,23 @@ def test_receiver_times_out_instead_of_hanging_when_nothing_is_sent():
     _, r1 = run_group("timeout", 2, [free_port(HOST)], sender_delay=0)
     assert r1["error"] == "WeightSyncError" and "timed out" in r1["msg"]
     assert 2 < r1["waited"] < 20  # gloo's 3 s timeout, not the sender leaving
+
+
+def test_shared_gpus_groups_ranks_on_one_gpu_and_ignores_unknown():
+    assert shared_gpus(["a/GPU-1", "a/GPU-2", "b/GPU-3"]) == []
+    assert shared_gpus(["a/GPU-1", None, "a/GPU-2", None, "a/GPU-1"]) == [[0, 4]]
+    assert shared_gpus(["x", "y", "x", "y"]) == [[0, 2], [1, 3]]
+
+
+@pytest.mark.timeout(120)
+def test_nccl_rendezvous_forms_on_a_bound_store_and_refuses_a_shared_gpu():
+    ports = [free_port(HOST), free_port(HOST)]
+    results = run_group("gpu_group", 2, ports, sender_delay=0.5)
+    for r in results:
+        assert r["token"] == "from-0" and r["world"] == 2
+        assert all(ip == HOST for ip, _ in r["listen"]), r["listen"]  # no NCCL sockets yet: only the store
+        assert "ranks [[0, 1]] share one GPU (node/GPU-0)" in r["clash"]
+    assert [HOST, ports[0]] in results[0]["listen"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""Learner parameter names -> the checkpoint (HF) names vLLM's loader expects.
+
+The engines load weights with `is_checkpoint_format=True`: names as in the model's safetensors,
+which vLLM then maps onto its own modules (its `hf_to_vllm_mapper`). The learner's names usually
+are checkpoint names already, except where transformers renames a checkpoint on load. Qwen3.5
+is such a case: Qwen/Qwen3.5-9B is a multimodal checkpoint (Qwen3_5ForConditionalGeneration,
+text under `model.language_model.`, vision under `model.visual.`, head at `lm_head.`), while
+AutoModelForCausalLM builds the text-only Qwen3_5ForCausalLM (config model_type "qwen3_5_text",
+text under `model.`, head at `lm_head.`). vLLM's Qwen3_5ForConditionalGeneration maps
+`model.language_model.` -> `language_model.model.` and `lm_head.` -> `language_model.lm_head.`;
+its text-only Qwen3_5ForCausalLM strips `model.language_model.` to `model.` and so accepts both
+layouts. Sending the multimodal layout therefore suits either engine class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cluster.transport import WeightSyncError
+
+# model_type -> (learner prefix, checkpoint prefix); names outside the prefix keep their name
+_PREFIXES = {"qwen3_5_text": ("model.", "model.language_model.")}
+
+
+def checkpoint_name_mapper(model_type: str) -> Callable[[str], str]:
+    """The learner -> checkpoint name mapping for a learner model of `model_type` (its config's).
+
+    Identity where transformers loads the checkpoint without renaming (qwen3, the tiny model,
+    llama, a multimodal wrapper trained whole); a prefix change for Qwen3.5 text models; an
+    error for a model type that transformers renames on load and this module does not know.
+    """
+    if model_type in _PREFIXES:
+        learner, checkpoint = _PREFIXES[model_type]
+
+        def to_checkpoint(name: str) -> str:
+            if name.startswith(learner):
+                return checkpoint + name[len(learner):]
+            if name.startswith("lm_head."):
+                return name
+            raise WeightSyncError(f"unexpected {model_type} parameter {name!r}: expected '{learner}...' or "
+                                  f"'lm_head...'")
+        return to_checkpoint
+
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    renames = get_checkpoint_conversion_mapping(model_type)
+    if renames:
+        raise WeightSyncError(
+            f"transformers renames {model_type!r} checkpoints on load ({renames}), so the learner's parameter "
+            f"names are not the names vLLM loads; add the mapping for {model_type!r} to cluster/names.py")
+    return _identity
+
+
+def _identity(name: str) -> str:
+    return name
