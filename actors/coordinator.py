@@ -95,22 +95,21 @@ class Coordinator:
         samples = self.roles.generate(requests, self.sampling)
         t_gen = time.perf_counter()
 
+        # policy rows, then (HRI) one reference row per prompt: all judged by the same reward
         by_uid = {p.uid: p for p in prompts}
-        rows, jobs = [], []
-        for s in samples:
-            tokenized = self.codec.response(s.response_ids, s.finish_reason)
-            rows.append((s.uid, s.prompt_ids, tokenized, False, s.weight_version))
-        if ref_weight > 0:
-            for p in prompts:
-                rows.append((p.uid, prompt_ids[p.uid], self.codec.reference(p), True, None))
-        for i, (uid, _, tokenized, _, _) in enumerate(rows):
-            jobs.append(ScoringJob(f"{uid}/{i}", by_uid[uid].prompt_text, tokenized.text, by_uid[uid].target_words,
-                                   len(tokenized.ids), tokenized.story_start, tokenized.truncated))
+        responses = [self.codec.response(s.response_ids, s.finish_reason) for s in samples]
+        references = [self.codec.reference(p) for p in prompts] if ref_weight > 0 else []
+        owners = [s.uid for s in samples] + [p.uid for p in prompts][:len(references)]
+        jobs = [ScoringJob(f"{uid}/{k}", by_uid[uid].prompt_text, tok.text, by_uid[uid].target_words, len(tok.ids),
+                           tok.story_start, tok.truncated)
+                for k, (uid, tok) in enumerate(zip(owners, responses + references))]
         scored = self.roles.score(jobs)
         t_judge = time.perf_counter()
 
-        group_rows = [GroupRow(uid, pids, tok.ids, sc, is_ref, version)
-                      for (uid, pids, tok, is_ref, version), sc in zip(rows, scored)]
+        group_rows = [GroupRow(s.uid, s.prompt_ids, tok.ids, sc, False, s.weight_version, s.logprobs)
+                      for s, tok, sc in zip(samples, responses, scored)]
+        group_rows += [GroupRow(p.uid, prompt_ids[p.uid], tok.ids, sc, True, None)
+                       for p, tok, sc in zip(prompts, references, scored[len(samples):])]
         assembled = assemble_batch(group_rows, step=step, current_version=self.roles.weight_version,
                                    max_staleness=cfg.rollout.max_staleness, reference_weight=ref_weight,
                                    eps=cfg.algorithm.adv_eps)
@@ -121,7 +120,7 @@ class Coordinator:
             self.roles.sync_weights()
         t_sync = time.perf_counter()
 
-        policy = [(tok, sc) for (_, _, tok, is_ref, _), sc in zip(rows, scored) if not is_ref]
+        policy = list(zip(responses, scored))
         valid = [sc.reward for _, sc in policy if sc.valid]
         rewards = assembled.policy_rewards
         ratios = [r.length_ratio for r in valid if r.length_ratio is not None]
@@ -147,7 +146,8 @@ class Coordinator:
             "hri/weight": ref_weight,
             "hri/ref_advantage_mean": _mean(assembled.reference_advantages),
             "weight_version": rollout_version,
-            **{f"train/{k}": v for k, v in train_metrics.items()},
+            **{f"train/{k}": v for k, v in train_metrics.items() if k != "logprob_diff"},
+            "rollout/logprob_diff": train_metrics.get("logprob_diff", float("nan")),
             "time/step": t_sync - t0,
             "time/generate": t_gen - t0,
             "time/judge": t_judge - t_gen,

@@ -20,6 +20,7 @@ class GroupRow:
     scored: ScoredSample
     is_reference: bool
     weight_version: int | None  # None for the reference row (teacher-forced, no engine)
+    behaviour_logprobs: tuple[float, ...] | None = None  # the engine's; None for the reference
 
 
 @dataclass(frozen=True)
@@ -61,5 +62,5 @@ def assemble_batch(rows: list[GroupRow], *, step: int, current_version: int, max
                 continue
             if m.is_reference:
                 ref_advantages.append(a)
-            train_rows.append(TrainRow(m.prompt_ids, m.response_ids, a, m.is_reference))
+            train_rows.append(TrainRow(m.prompt_ids, m.response_ids, a, m.is_reference, m.behaviour_logprobs))
     return AssembledBatch(TrainBatch(tuple(train_rows), step), policy_rewards, dropped, stale, ref_advantages)

@@ -13,16 +13,22 @@ import ray
 from actors.engine import SamplingParams
 from actors.rollout_worker import RolloutWorker, Sample
 from cluster.netutil import free_port
+from cluster.placement import Placement, balance_requests, plan_placement, reserve
 from conf.schema import Config
-from learner.worker import LearnerSettings, LearnerWorker, TrainBatch, TrainRow
+from learner.worker import LearnerSettings, LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
 from reward.components import RewardParams
 from reward.worker import JudgeSettings, RewardWorker, ScoredSample, ScoringJob
 
 NAMESPACE = "polaris"
 
 
-def _node_ip() -> str:
-    return "127.0.0.1"  # multi-node placement (node IPs, placement groups) arrives with the operations issue
+@ray.remote(num_cpus=0)
+def _rendezvous_address() -> tuple[str, int]:
+    """Host and free port for a group whose rank 0 is on this node. Loopback while the cluster is
+    one node (nothing listens on the network); the node's address once there are several."""
+    single_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+    host = "127.0.0.1" if single_node else ray.util.get_node_ip_address()
+    return host, free_port(host)
 
 
 def _threads(cfg: Config) -> int:
@@ -42,11 +48,13 @@ class Roles:
     reward: object
     weight_version: int = 0
 
+    placement: Placement | None = None
+
     # --- rollout ---
     def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
-        """Spread requests evenly over the engines; results come back in request order."""
-        k = len(self.rollouts)
-        shares = [requests[i::k] for i in range(k)]
+        """Requests balanced over the engines by outstanding tokens; results in request order."""
+        costs = [len(prompt) + sampling.max_new_tokens for _, _, prompt, _ in requests]
+        shares = [[requests[i] for i in share] for share in balance_requests(costs, len(self.rollouts))]
         results = ray.get([w.generate.remote(share, sampling) for w, share in zip(self.rollouts, shares) if share])
         by_key = {(s.uid, s.sample_index): s for part in results for s in part}
         return [by_key[(uid, i)] for uid, i, _, _ in requests]
@@ -60,8 +68,7 @@ class Roles:
 
     # --- learner ---
     def train(self, batch: TrainBatch) -> dict[str, float]:
-        per_rank = ray.get([l.train_step.remote(batch) for l in self.learners])
-        return per_rank[0]
+        return combine_rank_metrics(ray.get([l.train_step.remote(batch) for l in self.learners]))
 
     def learner_logprobs(self, rows: list[TrainRow]) -> list[list[float]]:
         return ray.get(self.learners[0].compute_logprobs.remote(rows))
@@ -82,6 +89,8 @@ class Roles:
     def shutdown(self) -> None:
         for actor in [*self.learners, *self.rollouts, self.reward]:
             ray.kill(actor)
+        if self.placement is not None:
+            self.placement.remove()
 
 
 def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_token_id: int,
@@ -99,22 +108,26 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
         temperature=cfg.rollout.sampling.temperature, pad_token_id=pad_token_id, seed=cfg.trainer.seed,
     )
     world = cfg.learner.world_size
-    master = (_node_ip(), free_port(_node_ip()))
+    placement = reserve(plan_placement(device=cfg.trainer.device, learner_world_size=world,
+                                       num_engines=cfg.rollout.num_engines,
+                                       tensor_parallel_size=cfg.rollout.tensor_parallel_size), name=run_name)
+    master = ray.get(_rendezvous_address.options(**placement.learner(0)).remote())
     learners = [
-        _LearnerActor.options(name=f"{run_name}/learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu)
+        _LearnerActor.options(name=f"{run_name}/learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu,
+                              **placement.learner(r))
         .remote(settings, r, world, *master, num_threads=threads)
         for r in range(world)
     ]
     rollouts = [
         _RolloutActor.options(name=f"{run_name}/rollout-{i}", namespace=NAMESPACE, num_cpus=1,
-                              num_gpus=gpu * cfg.rollout.tensor_parallel_size)
+                              num_gpus=gpu * cfg.rollout.tensor_parallel_size, **placement.engine(i))
         .remote(cfg.rollout.engine, model_path, dtype=cfg.model.dtype, device=cfg.trainer.device,
                 stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=threads)
         for i in range(cfg.rollout.num_engines)
     ]
     reward = _RewardActor.options(name=f"{run_name}/reward", namespace=NAMESPACE, num_cpus=0).remote(
         judge_settings(cfg, judge_base_url), reward_params(cfg, validation=False))
-    roles = Roles(learners, rollouts, reward)
+    roles = Roles(learners, rollouts, reward, placement=placement)
     _form_weight_group(cfg, roles)
     return roles
 
@@ -123,7 +136,7 @@ def _form_weight_group(cfg: Config, roles: Roles) -> None:
     backend = cfg.weight_sync.backend
     if backend == "auto":
         backend = "nccl" if cfg.trainer.device == "cuda" else "gloo"
-    host, port = _node_ip(), free_port(_node_ip())
+    host, port = ray.get(_rendezvous_address.options(**roles.placement.learner(0)).remote())
     shards = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
     world = 1 + len(roles.rollouts) * shards
     # engine side first: their joins wait on the store that learner rank 0 then hosts

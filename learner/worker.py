@@ -23,6 +23,7 @@ class TrainRow:
     response_ids: tuple[int, ...]
     advantage: float
     is_reference: bool
+    behaviour_logprobs: tuple[float, ...] | None = None  # the engine's, for policy rows
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,18 @@ def shard_rows(rows: tuple[TrainRow, ...], rank: int, world_size: int, micro_bat
     per_rank = -(-len(ordered) // world_size)
     num_micro = max(1, -(-per_rank // micro_batch_size))
     return [mine[i * micro_batch_size:(i + 1) * micro_batch_size] for i in range(num_micro)]
+
+
+def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One step's training metrics from every rank's sums."""
+    total = {k: sum(m[k] for m in per_rank) for k in per_rank[0] if k not in ("ratio_max", "grad_norm")}
+    return {
+        "loss": total["loss"],
+        "clip_fraction": total["clipped_tokens"] / max(1.0, total["policy_tokens"]),
+        "ratio_max": max(m["ratio_max"] for m in per_rank),
+        "grad_norm": per_rank[0]["grad_norm"],
+        "logprob_diff": total["logprob_diff_sum"] / max(1.0, total["logprob_diff_tokens"]),
+    }
 
 
 def pad_rows(rows: list[TrainRow], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -127,17 +140,18 @@ class LearnerWorker:
         self.transport = None
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step over this rank's share of the batch; returns this rank's metrics."""
+        """One optimizer step over this rank's share of the batch. Returns sums and counts that
+        Roles.train adds up over ranks (see combine_rank_metrics)."""
         self.engine.train()
         total_tokens = batch.num_tokens
-        sums: dict[str, float] = {"loss": 0.0}
+        sums = {"loss": 0.0, "policy_tokens": 0.0, "clipped_tokens": 0.0, "ratio_max": 0.0,
+                "logprob_diff_sum": 0.0, "logprob_diff_tokens": 0.0}
         for micro in shard_rows(batch.rows, self.rank, self.world_size, self.s.micro_batch_size):
             loss, metrics = self._micro_loss(micro, total_tokens)
             # DeepSpeed averages gradients over ranks; the loss is already a global token-mean.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            sums["loss"] += loss.item()
-            for key in ("clip_fraction", "ratio_max"):
-                sums[key] = max(sums.get(key, 0.0), metrics.get(key, 0.0))
+            for key, value in metrics.items():
+                sums[key] = max(sums[key], value) if key == "ratio_max" else sums[key] + value
         self.engine.step()
         sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         return sums
@@ -153,8 +167,25 @@ class LearnerWorker:
         advantages = torch.tensor([r.advantage for r in rows], device=self.device)
         is_reference = torch.tensor([r.is_reference for r in rows], device=self.device)
         # Fully on-policy, one optimizer step: the old policy is the current one (ratio 1).
-        return policy_loss(logprobs, logprobs.detach(), advantages, mask, is_reference,
-                           clip_low=self.s.clip_low, clip_high=self.s.clip_high, total_tokens=total_tokens)
+        loss, m = policy_loss(logprobs, logprobs.detach(), advantages, mask, is_reference,
+                              clip_low=self.s.clip_low, clip_high=self.s.clip_high, total_tokens=total_tokens)
+        policy_tokens = float((mask & ~is_reference[:, None]).sum())
+        out = {"loss": loss.item(), "policy_tokens": policy_tokens, "ratio_max": m["ratio_max"],
+               "clipped_tokens": m["clip_fraction"] * policy_tokens}
+        out.update(self._engine_gap(rows, logprobs.detach(), mask))
+        return loss, out
+
+    @staticmethod
+    def _engine_gap(rows: list[TrainRow], logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """Sum of |engine - learner| logprob over sampled tokens: on-policy it should be ~0."""
+        total, count = 0.0, 0
+        for i, row in enumerate(rows):
+            if row.behaviour_logprobs is None:
+                continue
+            learner = logprobs[i][mask[i]].cpu()
+            total += float((learner - torch.tensor(row.behaviour_logprobs)).abs().sum())
+            count += len(row.behaviour_logprobs)
+        return {"logprob_diff_sum": total, "logprob_diff_tokens": float(count)}
 
     @torch.no_grad()
     def compute_logprobs(self, rows: list[TrainRow]) -> list[list[float]]:

@@ -118,6 +118,7 @@ def test_two_training_steps_write_metrics_config_and_a_loadable_policy(tmp_path,
                     "time/step", "time/generate", "time/judge", "time/train", "time/sync"):
             assert r[key] is not None, key
         assert r["time/step"] >= r["time/generate"] + r["time/train"]
+        assert r["rollout/logprob_diff"] < 1e-3  # engine and learner agree on the sampled tokens
     assert [r["weight_version"] for r in rows] == [0, 1]  # step 1 sampled from the broadcast weights
     assert rows[0]["hri/weight"] == 0.0 and rows[1]["hri/weight"] == pytest.approx(0.4 / 15)
 

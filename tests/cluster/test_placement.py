@@ -1,0 +1,26 @@
+"""Resource plans per role and the request split over engines."""
+from cluster.placement import balance_requests, plan_placement
+
+
+def test_gpu_plan_gives_every_learner_rank_a_gpu_and_each_engine_its_tp_gpus():
+    plan = plan_placement(device="cuda", learner_world_size=2, num_engines=3, tensor_parallel_size=2)
+    assert plan.learner_bundles == [{"GPU": 1, "CPU": 1}] * 2
+    assert plan.engine_bundles == [{"GPU": 2, "CPU": 1}] * 3
+
+
+def test_cpu_plan_asks_for_no_gpu():
+    plan = plan_placement(device="cpu", learner_world_size=1, num_engines=2, tensor_parallel_size=1)
+    assert plan.learner_bundles == [{"CPU": 1}] and plan.engine_bundles == [{"CPU": 1}] * 2
+
+
+def test_requests_go_to_the_engine_with_fewest_outstanding_tokens():
+    # largest first: 900 -> e0; 500 -> e1; 400 -> e1 (500 < 900); 300 -> e0 (900 = 900, lower id wins)
+    shares = balance_requests([300, 900, 400, 500], 2)
+    loads = [sum([300, 900, 400, 500][i] for i in share) for share in shares]
+    assert shares == [[0, 1], [2, 3]] and loads == [1200, 900]
+
+
+def test_equal_requests_split_evenly_and_every_request_is_assigned_once():
+    shares = balance_requests([100] * 7, 3)
+    assert sorted(len(s) for s in shares) == [2, 2, 3]
+    assert sorted(i for s in shares for i in s) == list(range(7))
