@@ -123,8 +123,18 @@ class HFEngine(RolloutEngine):
 
 
 def build_engine(kind: str, model_path: str, *, dtype: torch.dtype, device: str,
-                 stop_token_ids: Sequence[int], pad_token_id: int) -> RolloutEngine:
+                 stop_token_ids: Sequence[int], pad_token_id: int, tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None, seed: int = 0) -> RolloutEngine:
+    """`max_model_len` (vLLM): prompt + response tokens; None = the model's context length."""
     if kind == "hf":
+        if tensor_parallel_size != 1:
+            raise ValueError(f"rollout.engine=hf runs on one device; tensor_parallel_size={tensor_parallel_size} "
+                             f"needs rollout.engine=vllm")
         return HFEngine(model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
                         pad_token_id=pad_token_id)
-    raise NotImplementedError(f"rollout.engine={kind!r}: the vLLM engine arrives with issue 4; use rollout.engine=hf")
+    if kind == "vllm":
+        from actors.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
+                          tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed)
+    raise ValueError(f"unknown rollout engine {kind!r}; valid: 'hf', 'vllm'")

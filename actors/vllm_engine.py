@@ -97,11 +97,11 @@ class VLLMEngine(RolloutEngine):
 
     def receive_weights(self, version: int) -> None:
         results = self.llm.collective_rpc("receive_weights", args=(version,))
-        errors = [err for _, err in results if err]
-        if any("engine unusable" in err for err in errors):
+        errors = [err for _, err, _ in results if err]
+        if not all(intact for _, _, intact in results):
             self._broken = errors[0]
         if errors:
             raise WeightSyncError(errors[0])
-        if any(v != version for v, _ in results):
-            raise WeightSyncError(f"engine workers applied versions {[v for v, _ in results]}, expected {version}")
+        if any(v != version for v, _, _ in results):
+            raise WeightSyncError(f"engine workers applied versions {[v for v, _, _ in results]}, expected {version}")
         self.llm.reset_prefix_cache()

@@ -43,8 +43,9 @@ class WeightSyncExtension:
             return rank, str(e)
         return rank, ""
 
-    def receive_weights(self, version: int) -> tuple[int, str]:
-        """Receive `version` and reload it in place. Returns (version, error or "").
+    def receive_weights(self, version: int) -> tuple[int, str, bool]:
+        """Receive `version` and reload it in place. Returns (version, error or "", whether the
+        model is intact: True unless loading failed half way).
 
         `reload_weights(..., is_checkpoint_format=True)` runs the model's own loader (name
         mapping, TP sharding, stacked qkv/gate_up) and then the backend's post-processing (the
@@ -58,20 +59,20 @@ class WeightSyncExtension:
 
         transport = getattr(self, "_polaris_transport", None)
         if transport is None:
-            return -1, "no weight group on this engine: init_weight_sync first"
+            return -1, "no weight group on this engine: init_weight_sync first", True
         weights = transport.receive(version)
         try:
             first = next(weights)
         except StopIteration:
-            return version, ""  # nothing was sent
+            return version, "", True  # nothing was sent
         except WeightSyncError as e:
-            return -1, str(e)
+            return -1, str(e), True
         try:
             self.reload_weights(weights_iterator=itertools.chain([first], weights), is_checkpoint_format=True)
         except Exception as e:  # noqa: BLE001 - reported to the caller, which marks the engine broken
             weights.close()  # drain the rest of the send so the other ranks finish it
-            return -1, f"weights partly applied, engine unusable: {type(e).__name__}: {e}"
-        return version, ""
+            return -1, f"weights partly applied: {type(e).__name__}: {e}", False
+        return version, "", True
 
     def set_logit_temperature(self, temperature: float) -> int:
         """Divide the model's logits by `temperature` (the sampler then runs at temperature 1).

@@ -153,7 +153,8 @@ class LearnerWorker:
             for key, value in metrics.items():
                 sums[key] = max(sums[key], value) if key == "ratio_max" else sums[key] + value
         self.engine.step()
-        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        norm = self.engine.get_global_grad_norm()  # DeepSpeed reports it under ZeRO >= 1 only
+        sums["grad_norm"] = float("nan") if norm is None else float(norm)
         return sums
 
     def _micro_loss(self, rows: list[TrainRow], total_tokens: int) -> tuple[torch.Tensor, dict[str, float]]:
