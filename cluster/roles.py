@@ -106,6 +106,7 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
         micro_batch_size=cfg.learner.micro_batch_size, gradient_checkpointing=cfg.model.gradient_checkpointing,
         clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
         temperature=cfg.rollout.sampling.temperature, pad_token_id=pad_token_id, seed=cfg.trainer.seed,
+        checkpoint_names=cfg.rollout.engine == "vllm",
     )
     world = cfg.learner.world_size
     placement = reserve(plan_placement(device=cfg.trainer.device, learner_world_size=world,

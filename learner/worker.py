@@ -54,6 +54,7 @@ class LearnerSettings:
     temperature: float  # logprobs are of logits / temperature, as the engines report them
     pad_token_id: int
     seed: int
+    checkpoint_names: bool = False  # send vLLM's checkpoint-format names (cluster/names.py)
 
 
 def shard_rows(rows: tuple[TrainRow, ...], rank: int, world_size: int, micro_batch_size: int) -> list[list[TrainRow]]:
@@ -200,18 +201,22 @@ class LearnerWorker:
         return out
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Checkpoint-format names and full tensors. Under ZeRO-3 every rank must iterate this
-        together: each parameter is gathered collectively."""
+        """Full tensors under the names the engines load (the learner's own for the HF engine,
+        checkpoint format for vLLM). Under ZeRO-3 every rank must iterate this together: each
+        parameter is gathered collectively."""
         import deepspeed
 
+        from cluster.names import checkpoint_name_mapper
+
         module = self.engine.module
+        rename = checkpoint_name_mapper(module.config.model_type) if self.s.checkpoint_names else (lambda n: n)
         names = {name for name, _ in module.named_parameters()}
         for name, param in module.named_parameters():
             if self.s.zero_stage == 3:
                 with deepspeed.zero.GatheredParameters([param]):
-                    yield name, param.detach().clone()
+                    yield rename(name), param.detach().clone()
             else:
-                yield name, param.detach()
+                yield rename(name), param.detach()
         if getattr(module.config, "tie_word_embeddings", False) and "lm_head.weight" not in names:
             # vLLM's loader keeps its own head unless it is sent explicitly
             embed = module.get_input_embeddings().weight
