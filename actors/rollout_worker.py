@@ -23,7 +23,8 @@ class Sample:
 
 class RolloutWorker:
     def __init__(self, engine_kind: str, model_path: str, *, dtype: str, device: str,
-                 stop_token_ids: list[int], pad_token_id: int, num_threads: int = 0):
+                 stop_token_ids: list[int], pad_token_id: int, num_threads: int = 0,
+                 tensor_parallel_size: int = 1, max_model_len: int | None = None, seed: int = 0):
         import torch
 
         from learner.worker import DTYPES
@@ -32,7 +33,8 @@ class RolloutWorker:
             torch.set_num_threads(num_threads)
         torch.set_flush_denormal(True)  # float32 denormals slow CPU math ~10x; no effect on results
         self.engine = build_engine(engine_kind, model_path, dtype=DTYPES[dtype], device=device,
-                                   stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
+                                   stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                                   tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed)
         self.weight_version = 0
 
     def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
@@ -58,3 +60,7 @@ class RolloutWorker:
 
     def get_weight_version(self) -> int:
         return self.weight_version
+
+    def call(self, fn, *args):
+        """Run fn(self, *args) in this worker's process (benchmarks, diagnostics)."""
+        return fn(self, *args)

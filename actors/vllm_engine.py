@@ -50,6 +50,9 @@ class VLLMEngine(RolloutEngine):
         self.llm = LLM(
             model=model_path, dtype=str(dtype).removeprefix("torch."), tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len, seed=seed, enforce_eager=device == "cpu",
+            # TP workers as subprocesses holding this actor's devices; inside a Ray placement group
+            # vLLM would otherwise pick its Ray executor and ask the group for devices this actor holds
+            distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
             gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="raw_logprobs",
             generation_config="vllm",  # our sampling settings only, not the checkpoint's defaults
             worker_extension_cls=WORKER_EXTENSION,
@@ -96,6 +99,9 @@ class VLLMEngine(RolloutEngine):
             raise WeightSyncError(errors[0])
 
     def receive_weights(self, version: int) -> None:
+        """Every TP worker receives `version` over the group and reloads it in place; a refused
+        version (or an aborted send) leaves the weights as they were. Blocks until learner rank 0
+        sends: issue it concurrently with the learner's send (cluster/roles.py sync_weights)."""
         results = self.llm.collective_rpc("receive_weights", args=(version,))
         errors = [err for _, err, _ in results if err]
         if not all(intact for _, _, intact in results):
@@ -104,4 +110,10 @@ class VLLMEngine(RolloutEngine):
             raise WeightSyncError(errors[0])
         if any(v != version for v, _, _ in results):
             raise WeightSyncError(f"engine workers applied versions {[v for v, _, _ in results]}, expected {version}")
-        self.llm.reset_prefix_cache()
+        if not self.llm.reset_prefix_cache():  # KV blocks computed with the old weights must go
+            self._broken = "vLLM refused to reset its prefix cache after a weight update"
+            raise WeightSyncError(self._broken)
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes now (they also stop when this process exits)."""
+        self.llm.llm_engine.engine_core.shutdown()

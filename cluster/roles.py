@@ -123,7 +123,10 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
         _RolloutActor.options(name=f"{run_name}/rollout-{i}", namespace=NAMESPACE, num_cpus=1,
                               num_gpus=gpu * cfg.rollout.tensor_parallel_size, **placement.engine(i))
         .remote(cfg.rollout.engine, model_path, dtype=cfg.model.dtype, device=cfg.trainer.device,
-                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=threads)
+                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=threads,
+                tensor_parallel_size=cfg.rollout.tensor_parallel_size, seed=cfg.trainer.seed,
+                max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.sampling.max_new_tokens,
+                                                               cfg.rollout.val_sampling.max_new_tokens))
         for i in range(cfg.rollout.num_engines)
     ]
     reward = _RewardActor.options(name=f"{run_name}/reward", namespace=NAMESPACE, num_cpus=0).remote(

@@ -131,6 +131,8 @@ def validate(c: Config) -> None:
     )
     _check(c.rollout.num_engines >= 1, "rollout.num_engines", "must be >= 1")
     _check(c.rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+    _check(c.rollout.tensor_parallel_size == 1 or c.rollout.engine == "vllm", "rollout.tensor_parallel_size",
+           "> 1 needs rollout.engine=vllm (the hf engine runs on one device)")
     _check(c.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
     for name in ("sampling", "val_sampling"):
         s = getattr(c.rollout, name)

@@ -247,3 +247,7 @@ class LearnerWorker:
             self.engine.module.save_pretrained(path, safe_serialization=True)
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path
+
+    def call(self, fn, *args):
+        """Run fn(self, *args) in this worker's process (benchmarks, diagnostics)."""
+        return fn(self, *args)

@@ -70,8 +70,9 @@ def engine(tiny_model_path, tokenizer):
 
     stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id]
     engine = build_engine("vllm", tiny_model_path, dtype=torch.float32, device="cpu", stop_token_ids=stop,
-                          pad_token_id=tokenizer.pad_token_id, max_model_len=256, seed=0)
-    return engine
+                          pad_token_id=tokenizer.pad_token_id, max_model_len=512, seed=0)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,11 @@ def test_logprobs_are_the_learners_at_the_sampling_temperature(engine, tokenizer
 
 
 def test_broadcast_in_one_bucket_moves_the_engine(engine, tokenizer, tiny_model_path, held):
-    reqs = requests(tokenizer, [31, 32])
+    # a long prompt, generated before the update too: its KV blocks sit in the prefix cache,
+    # computed with the old weights, and must not be reused after the update
+    long = GenerationRequest("long", tuple(tokenizer("a lighthouse keeper " * 100)["input_ids"][:400]), 33)
+    reqs = requests(tokenizer, [31, 32]) + [long]
+    engine.generate([long], ROLLOUT)
     assert broadcast(engine, tiny_model_path, [[1, 101]], 256, expect=[1]) == [None]
     held["seed"] = 101
     gens = engine.generate(reqs, ROLLOUT)
@@ -188,6 +193,25 @@ def test_a_wrong_version_is_refused_and_the_engine_keeps_its_weights(engine, tok
     gens = engine.generate(reqs, ROLLOUT)
     assert max_logprob_gap(perturbed_model(tiny_model_path, 105), reqs, gens, 1.0) < 1e-3
 
+
+def test_tensor_parallel_workers_are_one_rank_each(tokenizer, tiny_model_path, monkeypatch):
+    """TP=2: both workers join the weight group (ranks 1 and 2 of 3) and reload their shards."""
+    from actors.engine import build_engine
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per TP rank (auto wants spare cores)
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id]
+    engine = build_engine("vllm", tiny_model_path, dtype=torch.float32, device="cpu", stop_token_ids=stop,
+                          pad_token_id=tokenizer.pad_token_id, max_model_len=256, tensor_parallel_size=2)
+    try:
+        port, sender = start_sender(tiny_model_path, [[1, 107]], 0.5, 3)
+        engine.init_weight_sync("gloo", "127.0.0.1", port, 1, 3, 0.5)
+        engine.receive_weights(1)
+        assert sender.wait(timeout=120) == 0
+        reqs = requests(tokenizer, [71, 72])
+        gens = engine.generate(reqs, ROLLOUT)
+        assert max_logprob_gap(perturbed_model(tiny_model_path, 107), reqs, gens, 1.0) < 1e-3
+    finally:
+        engine.close()
 
 def test_two_engine_actors_receive_one_broadcast(ray_address, tokenizer, tiny_model_path):
     """The cluster/roles.py call pattern: both engines' joins are Ray tasks in flight while the
