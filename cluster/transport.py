@@ -18,7 +18,7 @@ import abc
 import datetime
 import json
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -131,12 +131,33 @@ class BucketTransport(WeightTransport):
         """Broadcast `buf` (contiguous uint8 on `device`) from rank 0 into every rank's `buf`.
         Raises RuntimeError when the transfer fails, WeightSyncError when the transport is closed."""
 
+    def _start_broadcast(self, buf: torch.Tensor) -> Callable[[], None]:
+        """Begin broadcasting `buf`; returns the wait. Default: done at once (stream-ordered
+        transports such as NCCL need no more); gloo overrides it to overlap transfers."""
+        self._broadcast_bytes(buf)
+        return lambda: None
+
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        return self._begin(t)()
+
+    def _begin(self, t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start broadcasting tensor t; the returned call waits and gives t back."""
         try:
-            self._broadcast_bytes(t.view(torch.uint8) if t.dtype != torch.uint8 else t)
+            wait = self._start_broadcast(t.view(torch.uint8) if t.dtype != torch.uint8 else t)
         except RuntimeError as e:
-            raise WeightSyncError(f"{self._where}: broadcast failed or timed out; re-form the group: {e}") from e
-        return t
+            raise self._failed(e) from e
+
+        def finish() -> torch.Tensor:
+            try:
+                wait()
+            except RuntimeError as e:
+                raise self._failed(e) from e
+            return t
+
+        return finish
+
+    def _failed(self, e: Exception) -> WeightSyncError:
+        return WeightSyncError(f"{self._where}: broadcast failed or timed out; re-form the group: {e}")
 
     def _header(self, status: int = 0, version: int = 0, payload: bytes = b"") -> tuple[int, int, bytes]:
         head = self._bcast(torch.tensor([status, version, len(payload)], dtype=torch.int64, device=self.device))
@@ -159,9 +180,14 @@ class BucketTransport(WeightTransport):
             raise WeightSyncError(f"{self._where}: {reason}")
         self._header(_OK, version, _encode(buckets) if first else b"")
         self._buckets, tensors = buckets, dict(named)
+        in_flight = None  # one bucket travels while the next is packed
         for b in buckets:
-            flat = torch.cat([tensors[e.name].reshape(-1).to(self.device) for e in b.entries])
-            self._bcast(flat)
+            started = self._begin(torch.cat([tensors[e.name].reshape(-1).to(self.device) for e in b.entries]))
+            if in_flight is not None:
+                in_flight()
+            in_flight = started
+        if in_flight is not None:
+            in_flight()
 
     def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         if self.rank == 0:
@@ -178,16 +204,26 @@ class BucketTransport(WeightTransport):
             for b in pending:  # drain, so sender and other receivers finish this send
                 self._bcast(torch.empty(b.numel, dtype=b.dtype, device=self.device))
             raise WeightSyncError(f"{self._where}: expected weight version {version}, sender sent {sent_version}")
+        if not pending:
+            return
+        # one bucket ahead: the next bucket arrives while the consumer loads the current one
+        in_flight = self._begin(torch.empty(pending[0].numel, dtype=pending[0].dtype, device=self.device))
+        started = 1
         try:
-            while pending:
-                b = pending[0]
-                flat = self._bcast(torch.empty(b.numel, dtype=b.dtype, device=self.device))
-                pending.pop(0)
+            for b in pending:
+                flat = in_flight()
+                in_flight = None
+                if started < len(pending):
+                    nxt = pending[started]
+                    in_flight = self._begin(torch.empty(nxt.numel, dtype=nxt.dtype, device=self.device))
+                    started += 1
                 for e in b.entries:
                     t = flat[e.offset:e.offset + e.numel].view(e.shape)
                     yield e.name, (t.to(self.dtype) if self.dtype and t.is_floating_point() else t)
         except GeneratorExit:  # consumer stopped early: finish the send for everyone else
-            for b in pending:
+            if in_flight is not None:
+                in_flight()
+            for b in pending[started:]:
                 self._bcast(torch.empty(b.numel, dtype=b.dtype, device=self.device))
             raise
 
@@ -219,9 +255,12 @@ class GlooTransport(BucketTransport):
                                   f"(are all {world_size} ranks started with this port?): {e}") from e
 
     def _broadcast_bytes(self, buf: torch.Tensor) -> None:
+        self._start_broadcast(buf)()
+
+    def _start_broadcast(self, buf: torch.Tensor) -> Callable[[], None]:
         if self._pg is None:
             raise WeightSyncError(f"{self._where}: transport is closed")
-        self._pg.broadcast([buf], dist.BroadcastOptions()).wait()
+        return self._pg.broadcast([buf], dist.BroadcastOptions()).wait
 
     def close(self) -> None:
         if self._pg is not None:

@@ -100,13 +100,14 @@ def test_original_polaris_training_files_validate_and_load(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_training_steps_write_metrics_config_and_a_loadable_policy(tmp_path, ray_address, tiny_model_path):
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_two_training_steps_write_metrics_config_and_a_loadable_policy(engine, tmp_path, ray_address, tiny_model_path):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent), "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "trainer.total_steps=2",
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "trainer.total_steps=2", f"rollout.engine={engine}",
                            f"trainer.output_dir={out}", "trainer.progress_bar=false"],
                           cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,7 +124,7 @@ def test_two_training_steps_write_metrics_config_and_a_loadable_policy(tmp_path,
     assert rows[0]["hri/weight"] == 0.0 and rows[1]["hri/weight"] == pytest.approx(0.4 / 15)
 
     saved = OmegaConf.load(out / "config.yaml")
-    assert saved.trainer.total_steps == 2 and saved.model.path == "tiny"
+    assert saved.trainer.total_steps == 2 and saved.model.path == "tiny" and saved.rollout.engine == engine
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf_model")
     tokenizer = AutoTokenizer.from_pretrained(out / "hf_model")
