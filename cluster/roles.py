@@ -47,7 +47,6 @@ class Roles:
     rollouts: list
     reward: object
     weight_version: int = 0
-
     placement: Placement | None = None
 
     # --- rollout ---
