@@ -110,6 +110,8 @@ class HFEngine(RolloutEngine):
                          bucket_mb: int) -> None:
         from cluster.transport import make_transport
 
+        if getattr(self, "transport", None) is not None:
+            self.transport.close()
         self.transport = make_transport(backend, host, port, first_rank, world_size, bucket_mb=bucket_mb,
                                         dtype=self.model.dtype)
 

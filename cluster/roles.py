@@ -82,6 +82,12 @@ class Roles:
         self.weight_version = version
         return version
 
+    def reform_weight_group(self, cfg: Config) -> None:
+        """A new group on a new port (after an engine is replaced: a torch group cannot swap a
+        member); versions carry on. The new engine must be at the learner's version already or
+        receive a full send next."""
+        _form_weight_group(cfg, self)
+
     def save_hf(self, path: str, tokenizer_path: str) -> str:
         return ray.get([l.save_hf.remote(path, tokenizer_path) for l in self.learners])[0]
 

@@ -227,6 +227,8 @@ class LearnerWorker:
     def init_weight_sync(self, backend: str, host: str, port: int, world_size: int, bucket_mb: int) -> None:
         from cluster.transport import make_transport
 
+        if self.transport is not None:  # re-forming (an engine was replaced): a torch group cannot swap a member
+            self.transport.close()
         self.transport = make_transport(backend, host, port, 0, world_size, bucket_mb=bucket_mb)
 
     def broadcast_weights(self, version: int) -> None:

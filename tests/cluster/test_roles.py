@@ -50,5 +50,15 @@ def test_engine_and_learner_logprobs_agree_across_a_broadcast(ray_address, tiny_
 
         with pytest.raises(WeightSyncError, match="refusing to jump"):
             ray.get(roles.rollouts[0].receive_weights.remote(5))
+
+        # a group re-formed on a new port (as after an engine replacement) carries the next update
+        roles.train(TrainBatch(tuple(rows), step=1))
+        assert max_abs_diff(fresh, roles.learner_logprobs(fresh_rows)) > 1e-3
+        roles.reform_weight_group(cfg)
+        assert roles.sync_weights() == 2
+        again = roles.generate(requests, sampling)
+        assert {x.weight_version for x in again} == {2}
+        again_rows = [TrainRow(x.prompt_ids, x.response_ids, 0.0, False) for x in again]
+        assert max_abs_diff(again, roles.learner_logprobs(again_rows)) < 1e-4
     finally:
         roles.shutdown()
