@@ -125,6 +125,7 @@ class BucketTransport(WeightTransport):
         self.rank, self.world_size, self.bucket_mb, self.dtype = rank, world_size, bucket_mb, dtype
         self._where = f"weight group {host}:{port} rank {rank}/{world_size}"
         self._buckets: list[_Bucket] | None = None
+        self._send_buffers: list[torch.Tensor] | None = None
 
     @abc.abstractmethod
     def _broadcast_bytes(self, buf: torch.Tensor) -> None:
@@ -180,9 +181,16 @@ class BucketTransport(WeightTransport):
             raise WeightSyncError(f"{self._where}: {reason}")
         self._header(_OK, version, _encode(buckets) if first else b"")
         self._buckets, tensors = buckets, dict(named)
-        in_flight = None  # one bucket travels while the next is packed
-        for b in buckets:
-            started = self._begin(torch.cat([tensors[e.name].reshape(-1).to(self.device) for e in b.entries]))
+        # one bucket travels while the next is packed, into two buffers kept across sends
+        # (fresh ones would page-fault the whole model in again on every update)
+        size = max(b.numel * b.dtype.itemsize for b in buckets)
+        if self._send_buffers is None or self._send_buffers[0].numel() < size:
+            self._send_buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        in_flight = None
+        for i, b in enumerate(buckets):
+            flat = self._send_buffers[i % 2][:b.numel * b.dtype.itemsize].view(b.dtype)
+            torch.cat([tensors[e.name].reshape(-1).to(self.device) for e in b.entries], out=flat)
+            started = self._begin(flat)
             if in_flight is not None:
                 in_flight()
             in_flight = started
