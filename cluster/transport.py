@@ -174,7 +174,7 @@ class BucketTransport(WeightTransport):
             raise WeightSyncError(f"{self._where}: only rank 0 sends")
         named = [(n, t.detach()) for n, t in named_tensors]
         first = self._buckets is None
-        buckets = plan_buckets(named, self.bucket_mb) if first else self._buckets
+        buckets = plan_buckets(named, self.bucket_mb) if self._buckets is None else self._buckets
         reason = _mismatch(buckets, named)
         if reason:  # tell receivers before raising, so they raise too instead of waiting
             self._header(_ABORT, version, reason.encode())
@@ -186,7 +186,7 @@ class BucketTransport(WeightTransport):
         size = max(b.numel * b.dtype.itemsize for b in buckets)
         if self._send_buffers is None or self._send_buffers[0].numel() < size:
             self._send_buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        in_flight = None
+        in_flight: Callable[[], torch.Tensor] | None = None
         for i, b in enumerate(buckets):
             flat = self._send_buffers[i % 2][:b.numel * b.dtype.itemsize].view(b.dtype)
             torch.cat([tensors[e.name].reshape(-1).to(self.device) for e in b.entries], out=flat)
@@ -215,10 +215,11 @@ class BucketTransport(WeightTransport):
         if not pending:
             return
         # one bucket ahead: the next bucket arrives while the consumer loads the current one
-        in_flight = self._begin(torch.empty(pending[0].numel, dtype=pending[0].dtype, device=self.device))
+        in_flight: Callable[[], torch.Tensor] | None = self._begin(torch.empty(pending[0].numel, dtype=pending[0].dtype, device=self.device))
         started = 1
         try:
             for b in pending:
+                assert in_flight is not None  # started before the loop or in the previous round
                 flat = in_flight()
                 in_flight = None
                 if started < len(pending):
@@ -254,7 +255,7 @@ class GlooTransport(BucketTransport):
         try:
             self._store: dist.TCPStore | None = bound_tcp_store(host, port, is_master=rank == 0,
                                                                  timeout_s=timeout_s)
-            opts = dist.ProcessGroupGloo._Options()
+            opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # not in torch's stubs
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]  # gloo listens on host only
             opts._timeout = datetime.timedelta(seconds=timeout_s)
             self._pg: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(self._store, rank, world_size, opts)
@@ -268,7 +269,7 @@ class GlooTransport(BucketTransport):
     def _start_broadcast(self, buf: torch.Tensor) -> Callable[[], None]:
         if self._pg is None:
             raise WeightSyncError(f"{self._where}: transport is closed")
-        return self._pg.broadcast([buf], dist.BroadcastOptions()).wait
+        return self._pg.broadcast([buf], dist.BroadcastOptions()).wait  # type: ignore[attr-defined]  # stub gap
 
     def close(self) -> None:
         if self._pg is not None:
