@@ -14,7 +14,7 @@ from actors.tracking import Tracker
 from cluster.roles import Roles
 from conf.schema import Config
 from learner.grpo import reference_weight
-from reward.worker import ScoredSample, ScoringJob
+from reward.worker import ScoringJob
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Coordinator:
         by_uid = {p.uid: p for p in prompts}
         responses = [self.codec.response(s.response_ids, s.finish_reason) for s in samples]
         references = [self.codec.reference(p) for p in prompts] if ref_weight > 0 else []
-        owners = [s.uid for s in samples] + [p.uid for p in prompts][:len(references)]
+        owners = [s.uid for s in samples] + [p.uid for p in prompts if references]
         jobs = [ScoringJob(f"{uid}/{k}", by_uid[uid].prompt_text, tok.text, by_uid[uid].target_words, len(tok.ids),
                            tok.story_start, tok.truncated)
                 for k, (uid, tok) in enumerate(zip(owners, responses + references))]

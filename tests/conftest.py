@@ -1,5 +1,4 @@
 """Shared, expensive things: one tiny model and one Ray cluster for the whole session."""
-import os
 
 import pytest
 
