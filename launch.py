@@ -93,12 +93,12 @@ def train(cfg: Config) -> Path:
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(to_yaml(cfg))  # keys live in the environment, never in config
-    judge_server = LocalJudgeServer() if cfg.judge.backend == "local" else None
+    judge_server = LocalJudgeServer.from_config(cfg.judge) if cfg.judge.backend == "local" else None
     judge_url = judge_server.start() if judge_server else ""
     connect_ray(cfg)
     roles = start_roles(cfg, model_path=model_path, stop_token_ids=codec.stop_ids,
                         pad_token_id=codec.tok.pad_token_id, judge_base_url=judge_url,
-                        run_name=output_dir.resolve().name)
+                        run_name=output_dir.resolve().name, output_dir=str(output_dir))
     roles.preflight_judge()
 
     sampler = PromptSampler(prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)
@@ -108,13 +108,20 @@ def train(cfg: Config) -> Path:
                       total_steps=cfg.trainer.total_steps, start_step=0, progress_bar=cfg.trainer.progress_bar)
     coordinator = Coordinator(cfg, roles, codec, sampler, tracker, output_dir)
     try:
-        coordinator.run()
+        stopped = coordinator.run()
         hf_path = coordinator.export(tokenizer_path=model_path)
     finally:
         tracker.close()
+        roles.reward_pool.close()
         if judge_server:
             judge_server.stop()
-    print(f"done: {cfg.trainer.total_steps} steps; metrics in {output_dir / 'metrics.jsonl'}; policy in {hf_path}")
+    if stopped:
+        print(f"stopped: {stopped}")
+    if judge_server:
+        stats = judge_server.stats()
+        print(f"loopback judge: {stats['accepted']} requests accepted, {stats['violations']} rate-limit violations")
+    print(f"done: metrics in {output_dir / 'metrics.jsonl'}; policy in {hf_path}; "
+          f"judge spend ${roles.reward_pool.total_usd:.4f}")
     return hf_path
 
 

@@ -14,6 +14,7 @@ from actors.tracking import Tracker
 from cluster.roles import Roles
 from conf.schema import Config
 from learner.grpo import reference_weight
+from reward.spend import budget_stop_reason
 from reward.worker import ScoringJob
 
 
@@ -73,9 +74,17 @@ class Coordinator:
         s = cfg.rollout.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens)
 
-    def run(self, start_step: int = 0) -> None:
+    def run(self, start_step: int = 0) -> str | None:
+        """Train to trainer.total_steps; returns why it stopped early (the judge budget), or None."""
+        last_step_usd = 0.0
         for step in range(start_step, self.cfg.trainer.total_steps):
-            self.tracker.log_step(self.train_step(step))
+            reason = budget_stop_reason(self.roles.reward_pool.total_usd, last_step_usd, self.cfg.judge.budget_usd)
+            if reason:
+                return f"{reason}; stopped before step {step}"
+            metrics = self.train_step(step)
+            last_step_usd = metrics["judge/spend_usd"]
+            self.tracker.log_step(metrics)
+        return None
 
     def reference_weight(self, step: int) -> float:
         h = self.cfg.algorithm.hri
@@ -138,10 +147,9 @@ class Coordinator:
             "length/words_mean": _mean(r.word_count for r in valid),
             "length/tokens_mean": generated / max(1, len(policy)),
             "length/truncated_frac": _mean(float(tok.truncated) for tok, _ in policy),
-            "judge/failed": sum(not sc.valid for sc in scored),
-            "judge/input_tokens": sum(sc.input_tokens for sc in scored),
-            "judge/output_tokens": sum(sc.output_tokens for sc in scored),
+            **self.roles.judge_metrics(),
             "groups/dropped": assembled.groups_dropped,
+            "groups/rows_trained": len(assembled.batch.rows),
             "rollout/stale_refused": assembled.stale_refused,
             "hri/weight": ref_weight,
             "hri/ref_advantage_mean": _mean(assembled.reference_advantages),

@@ -2,6 +2,7 @@
 A plain class; cluster/roles.py makes it a Ray actor."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from actors.engine import GenerationRequest, SamplingParams, build_engine
@@ -45,6 +46,14 @@ class RolloutWorker:
             Sample(uid, i, ids, g.token_ids, g.logprobs, g.finish_reason, self.weight_version)
             for (uid, i, ids, _), g in zip(requests, generations)
         ]
+
+    def generate_stream(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams,
+                        chunk: int) -> Iterator[list[Sample]]:
+        """generate() in engine calls of `chunk` requests (0: one call), each call's samples yielded
+        as soon as it returns: through Ray, a streaming generator the judge can start on."""
+        size = chunk or max(1, len(requests))
+        for start in range(0, len(requests), size):
+            yield self.generate(requests[start:start + size], sampling)
 
     def init_weight_sync(self, backend: str, host: str, port: int, rank: int, world_size: int, bucket_mb: int) -> None:
         self.engine.init_weight_sync(backend, host, port, rank, world_size, bucket_mb)

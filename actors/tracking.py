@@ -26,7 +26,8 @@ class Tracker:
         self._bar.set_postfix_str(
             f"reward {metrics['reward/mean']:+.3f} len {metrics['length/ratio_mean']:.2f} "
             f"gen {metrics['time/generate']:.1f}s judge {metrics['time/judge']:.1f}s "
-            f"train {metrics['time/train']:.1f}s sync {metrics['time/sync']:.2f}s"
+            f"train {metrics['time/train']:.1f}s sync {metrics['time/sync']:.2f}s "
+            f"judge ${metrics.get('judge/spend_usd_total', 0.0):.3f}"
         )
         self._bar.update(1)
 

@@ -16,8 +16,13 @@ from cluster.netutil import free_port
 from cluster.placement import Placement, balance_requests, plan_placement, reserve
 from conf.schema import Config
 from learner.worker import LearnerSettings, LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
+from reward.cache import JudgeCache
 from reward.components import RewardParams
-from reward.worker import JudgeSettings, RewardWorker, ScoredSample, ScoringJob
+from reward.judge_client import JudgeSettings, RetryPolicy
+from reward.limiter import LimiterService, RateLimits
+from reward.pool import RewardPool
+from reward.spend import Prices
+from reward.worker import RemoteLimiter, RewardWorker, ScoredSample, ScoringJob
 
 NAMESPACE = "polaris"
 
@@ -32,20 +37,27 @@ def _rendezvous_address() -> tuple[str, int]:
 
 
 def _threads(cfg: Config) -> int:
-    # On CPU the roles take turns (generate, judge, train, sync), so each may use every core.
-    return (os.cpu_count() or 1) if cfg.trainer.device == "cpu" else 0
+    """On CPU, on-policy, the roles take turns (generate, judge, train, sync): each may use every
+    core. With max_staleness > 0 generation and training run at once: they split the cores."""
+    if cfg.trainer.device != "cpu":
+        return 0
+    cores = os.cpu_count() or 1
+    return max(1, cores // 2) if cfg.rollout.max_staleness > 0 else cores
 
 
 _LearnerActor = ray.remote(LearnerWorker)
 _RolloutActor = ray.remote(RolloutWorker)
 _RewardActor = ray.remote(RewardWorker)
+_LimiterActor = ray.remote(LimiterService)
 
 
 @dataclass
 class Roles:
     learners: list
     rollouts: list
-    reward: object
+    reward_workers: list
+    limiter: object
+    reward_pool: RewardPool
     weight_version: int = 0
     placement: Placement | None = None
 
@@ -58,12 +70,27 @@ class Roles:
         by_key = {(s.uid, s.sample_index): s for part in results for s in part}
         return [by_key[(uid, i)] for uid, i, _, _ in requests]
 
+    def start_generation(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams,
+                         chunk: int) -> list:
+        """Like generate(), but returns one Ray streaming generator per busy engine, each yielding
+        its samples chunk by chunk as they are done."""
+        costs = [len(prompt) + sampling.max_new_tokens for _, _, prompt, _ in requests]
+        shares = [[requests[i] for i in share] for share in balance_requests(costs, len(self.rollouts))]
+        return [w.generate_stream.options(num_returns="streaming").remote(share, sampling, chunk)
+                for w, share in zip(self.rollouts, shares) if share]
+
     # --- reward ---
     def score(self, jobs: list[ScoringJob]) -> list[ScoredSample]:
-        return ray.get(self.reward.score.remote(jobs))
+        return self.reward_pool.score(jobs)
+
+    def judge_metrics(self) -> dict[str, float]:
+        """judge/* since the last call, with the limiter's view of the whole project."""
+        limiter = ray.get(self.limiter.stats.remote())
+        return {**self.reward_pool.take_metrics(), "judge/in_flight": limiter["in_flight"],
+                "judge/requests_last_window": limiter["requests_in_window"]}
 
     def preflight_judge(self) -> None:
-        ray.get(self.reward.preflight.remote())
+        ray.get(self.reward_workers[0].preflight.remote())
 
     # --- learner ---
     def train(self, batch: TrainBatch) -> dict[str, float]:
@@ -92,14 +119,15 @@ class Roles:
         return ray.get([l.save_hf.remote(path, tokenizer_path) for l in self.learners])[0]
 
     def shutdown(self) -> None:
-        for actor in [*self.learners, *self.rollouts, self.reward]:
+        self.reward_pool.close()
+        for actor in [*self.learners, *self.rollouts, *self.reward_workers, self.limiter]:
             ray.kill(actor)
         if self.placement is not None:
             self.placement.remove()
 
 
 def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_token_id: int,
-                judge_base_url: str, run_name: str) -> Roles:
+                judge_base_url: str, run_name: str, output_dir: str) -> Roles:
     """Actors are named "{run_name}/{role}-{i}" in the "polaris" namespace: two runs on one
     cluster never collide, and a second run into the same output folder is refused by Ray."""
     threads = _threads(cfg)
@@ -134,11 +162,36 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
                                                                cfg.rollout.val_sampling.max_new_tokens))
         for i in range(cfg.rollout.num_engines)
     ]
-    reward = _RewardActor.options(name=f"{run_name}/reward", namespace=NAMESPACE, num_cpus=0).remote(
-        judge_settings(cfg, judge_base_url), reward_params(cfg, validation=False))
-    roles = Roles(learners, rollouts, reward, placement=placement)
+    limiter, reward_workers, pool = start_reward_pool(cfg, judge_base_url, run_name, output_dir)
+    roles = Roles(learners, rollouts, reward_workers, limiter, pool, placement=placement)
     _form_weight_group(cfg, roles)
     return roles
+
+
+def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_dir: str):
+    """One limiter actor (the project's rate limit), N async reward workers leasing from it, and
+    the driver-side pool that batches stories to them. The workers are restarted if they die;
+    the pool re-sends their unanswered stories."""
+    j = cfg.judge
+    limits = RateLimits(rpm=j.rpm, burst=j.rpm_burst, input_tpm=j.input_tpm, max_in_flight=j.max_in_flight,
+                        lease_ttl_s=j.timeout_s + 60)
+    limiter_name = f"{run_name}/judge-limiter"
+    limiter = _LimiterActor.options(name=limiter_name, namespace=NAMESPACE, num_cpus=0,
+                                    max_concurrency=10_000).remote(limits)
+    settings = judge_settings(cfg, judge_base_url)
+    workers = [
+        _RewardActor.options(name=f"{run_name}/reward-{i}", namespace=NAMESPACE, num_cpus=0, max_restarts=3,
+                             max_concurrency=10_000)
+        .remote(settings, reward_params(cfg, validation=False), RemoteLimiter(limiter_name, NAMESPACE))
+        for i in range(j.num_workers)
+    ]
+    cache = None
+    if j.cache:
+        cache = JudgeCache(j.cache_path or os.path.join(output_dir, "judge_cache.sqlite"))
+    pool = RewardPool(workers, cache_params=settings.cache_params(), cache=cache, batch_size=j.dispatch_batch,
+                      prices=Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor),
+                      flex=settings.flex)
+    return limiter, workers, pool
 
 
 def _form_weight_group(cfg: Config, roles: Roles) -> None:
@@ -157,10 +210,12 @@ def _form_weight_group(cfg: Config, roles: Roles) -> None:
 
 def judge_settings(cfg: Config, base_url: str) -> JudgeSettings:
     j = cfg.judge
+    retry = RetryPolicy(max_attempts=j.max_attempts, backoff_s=j.backoff_s, max_backoff_s=j.max_backoff_s,
+                        timeout_s=j.timeout_s, deadline_s=j.story_deadline_s)
     return JudgeSettings(backend=j.backend, model=j.model, base_url=base_url or j.base_url, api_key_env=j.api_key_env,
                          vertex=j.vertex, flex=j.service_tier == "flex", temperature=j.temperature, top_p=j.top_p,
-                         thinking_level=j.thinking_level, max_attempts=j.max_attempts, timeout_s=j.timeout_s,
-                         max_concurrency=j.max_concurrency)
+                         seed=None if j.seed < 0 else j.seed, thinking_level=j.thinking_level,
+                         max_output_tokens=j.max_output_tokens or None, retry=retry)
 
 
 def reward_params(cfg: Config, *, validation: bool) -> RewardParams:

@@ -6,9 +6,10 @@ A conf NAME is a YAML file in this folder (or a path to one). A YAML may start w
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Sequence, get_type_hints
+from typing import Any, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -163,9 +164,19 @@ def validate(c: Config) -> None:
     _check(0 <= r.blank_min_visible_ratio <= 1, "reward.blank_min_visible_ratio", "must be in [0, 1]")
     _one_of(c.judge.backend, "judge.backend", ("local", "gemini", "openai"))
     _one_of(c.judge.service_tier, "judge.service_tier", ("flex", "standard"))
-    _check(c.judge.max_concurrency >= 1, "judge.max_concurrency", "must be >= 1")
-    _check(c.judge.max_attempts >= 1, "judge.max_attempts", "must be >= 1")
-    _check(c.judge.timeout_s > 0, "judge.timeout_s", "must be > 0")
+    j = c.judge
+    _one_of(j.thinking_level, "judge.thinking_level", ("minimal", "low", "medium", "high"))
+    for name in ("rpm", "rpm_burst", "input_tpm", "max_output_tokens", "budget_usd", "local.rpm_limit"):
+        _check(_get(j, name) >= 0, f"judge.{name}", "must be >= 0 (0 = none)")
+    for name in ("max_in_flight", "num_workers", "dispatch_batch", "max_attempts"):
+        _check(_get(j, name) >= 1, f"judge.{name}", "must be >= 1")
+    for name in ("timeout_s", "story_deadline_s", "backoff_s", "max_backoff_s"):
+        _check(_get(j, name) > 0, f"judge.{name}", "must be > 0")
+    for name in ("price.input_per_mtok", "price.output_per_mtok", "price.flex_factor", "local.latency_min_s"):
+        _check(_get(j, name) >= 0, f"judge.{name}", "must be >= 0")
+    _check(j.local.latency_max_s >= j.local.latency_min_s, "judge.local.latency_max_s",
+           f"({j.local.latency_max_s}) must be >= judge.local.latency_min_s ({j.local.latency_min_s})")
+    _check(0 <= j.local.fault_rate <= 1, "judge.local.fault_rate", "must be in [0, 1]")
     _one_of(c.weight_sync.backend, "weight_sync.backend", ("auto", "gloo", "nccl"))
     _check(c.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
     _check(
@@ -173,3 +184,9 @@ def validate(c: Config) -> None:
         "weight_sync.backend",
         "nccl needs trainer.device=cuda",
     )
+
+
+def _get(node, dotted: str):
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

@@ -61,7 +61,8 @@ class RolloutConfig:
     n: int = 6  # group size; with the reference injected, n-1 rows are policy samples
     num_engines: int = 1
     tensor_parallel_size: int = 1
-    max_staleness: int = 0
+    max_staleness: int = 0  # 1: step k+1 generates while step k trains (rows one update old, TIS-corrected)
+    stream_chunk: int = 0  # requests per engine call; each call's samples go to the judge at once; 0 = all
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_sampling: SamplingConfig = field(default_factory=_validation_sampling)
 
@@ -82,6 +83,7 @@ class AlgorithmConfig:
     clip_high: float = 0.28
     adv_eps: float = 1e-6
     kl_coef: float = 0.0
+    tis_cap: float = 2.0  # truncated importance weight cap for off-policy rows (max_staleness > 0)
 
 
 @dataclass
@@ -94,7 +96,11 @@ class LearnerConfig:
     adam_beta2: float = 0.999
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    micro_batch_size: int = 1  # rows per micro-batch per learner rank
+    micro_batch_size: int = 1  # rows per micro-batch per learner rank (when max_tokens_per_micro_batch = 0)
+    max_tokens_per_micro_batch: int = 16384  # padded tokens per micro-batch, rows packed by length; 0 = by rows
+    logprob_chunk_tokens: int = 1024  # sequence positions per logits chunk (vocab x chunk, never vocab x seq)
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
 
 
 @dataclass
@@ -135,19 +141,56 @@ class RewardConfig:
 
 
 @dataclass
+class JudgePriceConfig:
+    """Dollars per million tokens on the standard tier (DESIGN.md section 2); thoughts bill as output."""
+
+    input_per_mtok: float = 0.50
+    output_per_mtok: float = 3.00
+    flex_factor: float = 0.5  # flex costs this fraction of standard
+
+
+@dataclass
+class LocalJudgeConfig:
+    """The loopback judge server (judge.backend=local): latency, its own RPM limit, faults."""
+
+    latency_min_s: float = 0.0
+    latency_max_s: float = 0.0
+    rpm_limit: int = 0  # 0 = none; the server answers 429 beyond it and counts a violation
+    fault_rate: float = 0.0  # mixed evenly: 429, 503, hang past the timeout, truncated JSON, schema-violating JSON
+    seed: int = 0
+
+
+@dataclass
 class JudgeConfig:
     backend: str = "gemini"  # local | gemini | openai
     model: str = "gemini-3-flash-preview"
     temperature: float = 0.2
     top_p: float = 0.9
+    seed: int = -1  # -1 = none (the OpenAI-compatible evaluation judge uses 42)
     thinking_level: str = "medium"
+    max_output_tokens: int = 0  # 0 = the service's default
     service_tier: str = "flex"  # flex | standard
     vertex: bool = False
     api_key_env: str = "GEMINI_API_KEY"
-    base_url: str = ""  # "" = the SDK's default endpoint (or the loopback server for local)
-    max_concurrency: int = 32
+    base_url: str = ""  # "" = the service's default endpoint (or the loopback server for local)
+    # one rate limit for the whole project, shared by every reward worker
+    rpm: int = 600  # requests per minute; 0 = no limit
+    rpm_burst: int = 0  # requests that may go back to back before pacing at rpm; 0 = rpm / 10
+    input_tpm: int = 2_000_000  # input tokens per minute; 0 = no limit
+    max_in_flight: int = 64
+    num_workers: int = 4  # async reward workers (parse, score, retry); they lease from one limiter
+    dispatch_batch: int = 16  # stories per Ray call to a worker
+    # retries we own: 408/429/5xx, timeouts, bad JSON; then the story is invalid
     max_attempts: int = 6
-    timeout_s: float = 900.0
+    backoff_s: float = 2.0
+    max_backoff_s: float = 120.0
+    timeout_s: float = 900.0  # one attempt (flex latency runs to minutes)
+    story_deadline_s: float = 3600.0  # all attempts of one story
+    price: JudgePriceConfig = field(default_factory=JudgePriceConfig)
+    budget_usd: float = 0.0  # stop cleanly before a step would pass it; 0 = no cap
+    cache: bool = True
+    cache_path: str = ""  # "" = {trainer.output_dir}/judge_cache.sqlite
+    local: LocalJudgeConfig = field(default_factory=LocalJudgeConfig)
 
 
 @dataclass

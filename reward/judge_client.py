@@ -1,58 +1,69 @@
-"""The online judge: Gemini through google-genai's async client (DESIGN.md section 2, "Judge").
+"""Judging one story with retries we own, under the project's rate limit.
 
-One GeminiJudge per reward worker. judge() builds the rubric request, sends it with the
-configured sampling, thinking level, JSON schema and (by default) the flex tier, validates the
-answer with rubric.parse_judgment and returns a JudgeResult; it never raises for a failed
-story (the error is in the result). The SDK's own retries are switched off (they ignore
-Retry-After): we retry 408/429/5xx, timeouts, connection errors and unparsable answers with
-exponential backoff, honouring Retry-After when the server sends it.
+Judge.judge() builds the rubric request, leases capacity for each attempt, sends it through a
+JudgeAPI (Gemini or OpenAI-compatible), validates the answer against the rubric schema and
+returns a JudgeResult; it never raises for a failed story (the error is in the result).
 
-Flex: on the Developer API `service_tier="flex"` in the request config (google-genai >= 1.69;
-the installed 3.x has GenerateContentConfig.service_tier); on Vertex the two request headers
-below. The API key is passed in by the caller (read from the environment there); it is
-scrubbed from every error text this module produces.
+Retried: 408/429/5xx, timeouts, connection errors, unparsable or schema-violating answers;
+exponential backoff with jitter, never shorter than the service's Retry-After. Bounded by
+max_attempts and a per-story deadline counted from the first attempt (time queued behind the
+rate limit before it does not count: it is the pool's backlog, not the story's trouble).
 """
-
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
-from dataclasses import dataclass
-from typing import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
-from google import genai
-from google.genai import errors as genai_errors
-from google.genai import types
 
 from conf.errors import EnvironmentSetupError, JudgeError
 from reward import rubric
-from reward.rubric import Judgment, JudgeOutputError
+from reward.judge_api import JudgeAPI, JudgeHTTPError
+from reward.limiter import RateLimiter, RateLimits
+from reward.rubric import JudgeOutputError, Judgment
 
 log = logging.getLogger(__name__)
 
-VERTEX_FLEX_HEADERS = {
-    "X-Vertex-AI-LLM-Request-Type": "shared",
-    "X-Vertex-AI-LLM-Shared-Request-Type": "flex",
-}
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 PREFLIGHT_STORY = ("The lighthouse keeper counted ships that never came. On the ninth night "
                    "one did, and she had forgotten how to wave.")
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    backoff_s: float = 2.0
+    max_backoff_s: float = 120.0
+    timeout_s: float = 900.0  # one attempt
+    deadline_s: float = 3600.0  # all attempts of one story, from the first
+
+
+@dataclass(frozen=True)
 class JudgeResult:
     judgment: Judgment | None
     overall: float | None  # rubric.overall_score; None when the judgment failed
-    input_tokens: int  # summed over every attempt that got an answer
-    output_tokens: int  # candidates + thoughts (thoughts are billed as output)
+    input_tokens: int  # summed over every attempt the service billed
+    output_tokens: int  # visible + thought tokens (thoughts are billed as output)
     attempts: int
     error: str | None = None
+    latency_s: float = 0.0  # first send to final answer
+    wait_s: float = 0.0  # time spent waiting for rate-limit leases
 
     @property
     def ok(self) -> bool:
         return self.judgment is not None
+
+
+class Limiter(Protocol):
+    async def acquire(self, tokens: int = 0) -> int: ...
+
+    def release(self, lease_id: int, actual_tokens: int | None = None) -> None: ...
 
 
 class _Retryable(Exception):
@@ -61,169 +72,175 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-class GeminiJudge:
-    """Create and use within one event loop (the SDK's HTTP session and the semaphore bind
-    to it). flex=True: flex tier for judge(); preflight() always runs on the standard tier."""
+def estimate_input_tokens(req: rubric.JudgeRequest) -> int:
+    """~4 characters per token for English text; corrected by the answer's usage on release."""
+    return (len(req.system_instruction) + len(req.user_text)) // 4 + 1
 
-    def __init__(self, api_key: str | None, *, model: str = "gemini-3-flash-preview",
-                 base_url: str | None = None, vertexai: bool = False,
-                 project: str | None = None, location: str | None = None,
-                 flex: bool = True, temperature: float = 0.2, top_p: float = 0.9,
-                 thinking_level: str = "medium", max_output_tokens: int | None = None,
-                 max_attempts: int = 6, backoff_s: float = 2.0, max_backoff_s: float = 120.0,
-                 timeout_s: float = 600.0, concurrency: int = 32, evaluation: bool = False,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
-        if not api_key and not vertexai:
-            raise EnvironmentSetupError("GeminiJudge needs a Gemini API key (none was given)")
-        self.model, self.base_url, self.vertexai, self.flex = model, base_url, vertexai, flex
-        self.max_attempts, self.backoff_s = max_attempts, backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.timeout_s, self.evaluation, self._sleep = timeout_s, evaluation, sleep
-        self._secret = api_key or ""
-        self._sem = asyncio.Semaphore(concurrency)
-        self._rng = random.Random()
-        self._thinking = types.ThinkingConfig(thinking_level=thinking_level.upper(),
-                                              include_thoughts=False)
-        self._sampling = dict(temperature=temperature, top_p=top_p,
-                              max_output_tokens=max_output_tokens)
-        self._client = self._make_client(api_key, project, location, flex=flex)
-        self._standard_client = self._make_client(api_key, project, location, flex=False)
 
-    def _make_client(self, api_key, project, location, *, flex: bool) -> genai.Client:
-        headers = dict(VERTEX_FLEX_HEADERS) if (flex and self.vertexai) else None
-        http = types.HttpOptions(base_url=self.base_url, headers=headers,
-                                 retry_options=types.HttpRetryOptions(attempts=1))
-        if self.vertexai:
-            if api_key:  # Vertex express mode
-                return genai.Client(vertexai=True, api_key=api_key, http_options=http)
-            return genai.Client(vertexai=True, project=project, location=location,
-                                http_options=http)
-        return genai.Client(api_key=api_key, http_options=http)
-
-    def _config(self, system_instruction: str, *, flex: bool) -> types.GenerateContentConfig:
-        return types.GenerateContentConfig(
-            system_instruction=system_instruction,
-            thinking_config=self._thinking,
-            response_mime_type="application/json",
-            response_json_schema=rubric.response_json_schema(),
-            service_tier="flex" if (flex and not self.vertexai) else None,
-            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
-            **self._sampling,
-        )
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
-
-    async def _once(self, client: genai.Client, req: rubric.JudgeRequest, *, flex: bool,
-                    timeout_s: float) -> tuple[Judgment, int, int]:
-        """One attempt: (judgment, input tokens, output tokens); tokens are attached to a
-        JudgeOutputError as .tokens, since an unparsable answer is still billed."""
-        resp = await asyncio.wait_for(
-            client.aio.models.generate_content(
-                model=self.model, contents=req.user_text,
-                config=self._config(req.system_instruction, flex=flex)),
-            timeout=timeout_s)
-        um = resp.usage_metadata
-        tin = (um.prompt_token_count or 0) if um else 0
-        tout = ((um.candidates_token_count or 0) + (um.thoughts_token_count or 0)) if um else 0
-        try:
-            return rubric.parse_judgment(resp.text or ""), tin, tout
-        except JudgeOutputError as e:
-            e.tokens = (tin, tout)
-            raise
-
-    def _classify(self, e: BaseException) -> _Retryable | None:
-        """A retryable failure (with Retry-After seconds if sent), or None if final."""
-        if isinstance(e, genai_errors.APIError):
-            if e.code not in RETRY_STATUS:
-                return None
-            headers = getattr(getattr(e, "response", None), "headers", None) or {}
-            try:
-                after = float(headers.get("Retry-After"))
-            except (TypeError, ValueError):
-                after = None
-            return _Retryable(f"HTTP {e.code} {e.status or ''}".strip(), after)
-        if isinstance(e, (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError)):
+def classify(e: BaseException) -> _Retryable | None:
+    """A retryable failure (with Retry-After seconds if sent), or None if final."""
+    if isinstance(e, JudgeHTTPError):
+        return _Retryable(str(e), e.retry_after) if e.status in RETRY_STATUS else None
+    if isinstance(e, (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError)):
+        return _Retryable(f"{type(e).__name__}: {e}".rstrip(": "))
+    if isinstance(e, JudgeOutputError):
+        return _Retryable(str(e))
+    try:  # google-genai falls back to httpx when aiohttp is absent
+        import httpx
+        if isinstance(e, httpx.TransportError):
             return _Retryable(f"{type(e).__name__}: {e}")
-        if isinstance(e, JudgeOutputError):
-            return _Retryable(str(e))
-        try:  # the SDK falls back to httpx when aiohttp is absent
-            import httpx
-            if isinstance(e, httpx.TransportError):
-                return _Retryable(f"{type(e).__name__}: {e}")
-        except ImportError:
-            pass
-        return None
+    except ImportError:
+        pass
+    return None
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+
+class Judge:
+    """Create and use within one event loop."""
+
+    def __init__(self, api: JudgeAPI, *, retry: RetryPolicy = RetryPolicy(), limiter: Limiter | None = None,
+                 evaluation: bool = False, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None):
+        self.api, self.retry, self.evaluation = api, retry, evaluation
+        self.limiter = limiter if limiter is not None else RateLimiter(RateLimits())
+        self._sleep, self._clock = sleep, clock
+        self._rng = random.Random(seed)
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        p = self.retry
+        delay = min(p.max_backoff_s, p.backoff_s * 2 ** (attempt - 1))
         delay *= 0.5 + 0.5 * self._rng.random()  # jitter spreads a burst of 429s
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_backoff_s))
+        if retry_after is not None:  # honoured in full; the per-story deadline bounds it
+            delay = max(delay, retry_after)
         return delay
 
     async def judge(self, prompt_text: str, story: str) -> JudgeResult:
         """Judge one story. prompt_text must already lack its length sentence."""
         req = rubric.build_judge_request(prompt_text, story)
+        estimate = estimate_input_tokens(req)
         tin = tout = 0
-        error = "not attempted"
-        for attempt in range(1, self.max_attempts + 1):
+        wait_s, first_send, error = 0.0, None, "not attempted"
+        for attempt in range(1, self.retry.max_attempts + 1):
+            t0 = self._clock()
+            lease = await self.limiter.acquire(estimate)
+            now = self._clock()
+            wait_s += now - t0
+            first_send = now if first_send is None else first_send
+            remaining = self.retry.deadline_s - (now - first_send)
+            if remaining <= 0:
+                self.limiter.release(lease, 0)
+                error += f" (per-story deadline {self.retry.deadline_s:g}s reached)"
+                break
+            billed = None
             try:
-                async with self._sem:
-                    j, i, o = await self._once(self._client, req, flex=self.flex,
-                                               timeout_s=self.timeout_s)
-                tin, tout = tin + i, tout + o
-                return JudgeResult(j, rubric.overall_score(j, evaluation=self.evaluation),
-                                   tin, tout, attempt)
+                answer = await self.api.send(req, timeout_s=min(self.retry.timeout_s, remaining))
+                billed = answer.input_tokens
+                tin, tout = tin + answer.input_tokens, tout + answer.output_tokens
+                judgment = rubric.parse_judgment(answer.text)
+                return JudgeResult(judgment, rubric.overall_score(judgment, evaluation=self.evaluation), tin, tout,
+                                   attempt, None, self._clock() - first_send, wait_s)
             except Exception as e:  # noqa: BLE001 -- classified below; never escapes
-                if isinstance(e, JudgeOutputError):
-                    i, o = getattr(e, "tokens", (0, 0))
-                    tin, tout = tin + i, tout + o
-                retry = self._classify(e)
-                error = self._scrub(str(retry) if retry else f"{type(e).__name__}: {e}")
-                if retry is None or attempt == self.max_attempts:
-                    log.warning("judge failed after %d attempt(s): %s", attempt, error)
-                    return JudgeResult(None, None, tin, tout, attempt, error)
-                delay = self._backoff(attempt, retry.retry_after)
-                log.info("judge attempt %d failed (%s); retrying in %.1fs", attempt, error, delay)
-                await self._sleep(delay)
-        raise AssertionError("unreachable")
+                retry = classify(e)
+                error = str(retry) if retry else f"{type(e).__name__}: {e}"
+            finally:
+                self.limiter.release(lease, billed)
+            if retry is None or attempt == self.retry.max_attempts:
+                break
+            delay = self.backoff(attempt, retry.retry_after)
+            if self._clock() + delay - first_send >= self.retry.deadline_s:
+                error += f" (per-story deadline {self.retry.deadline_s:g}s reached)"
+                break
+            log.info("judge attempt %d failed (%s); retrying in %.1fs", attempt, error, delay)
+            await self._sleep(delay)
+        log.warning("judge failed after %d attempt(s): %s", attempt, error)
+        latency = self._clock() - first_send if first_send is not None else 0.0
+        return JudgeResult(None, None, tin, tout, attempt, error, latency, wait_s)
 
     async def preflight(self, timeout_s: float = 60.0) -> None:
-        """One tiny judgment on the standard tier (fast; validates key, model, thinking level
-        and schema). Raises JudgeError with an actionable message if it fails; only 429/5xx
-        are retried (twice), so an unreachable judge fails at once."""
-        where = self.base_url or ("Vertex AI" if self.vertexai else "the Gemini API")
+        """One tiny judgment on the standard tier (fast; checks key, model, thinking level and
+        schema). Raises JudgeError with an actionable message; only 429/5xx are retried (twice),
+        so an unreachable or misconfigured judge fails at once."""
         req = rubric.build_judge_request("Write a two-sentence story.", PREFLIGHT_STORY)
+        where = self.api.name
         try:
-            for attempt in range(1, 4):  # a busy judge (429/5xx) gets two more chances
+            for attempt in range(1, 4):
                 try:
-                    await self._once(self._standard_client, req, flex=False,
-                                     timeout_s=timeout_s)
+                    answer = await self.api.send(req, timeout_s=timeout_s, standard_tier=True)
+                    rubric.parse_judgment(answer.text)
                     return
-                except genai_errors.APIError as e:
-                    if e.code not in RETRY_STATUS or attempt == 3:
+                except JudgeHTTPError as e:
+                    if e.status not in RETRY_STATUS or attempt == 3:
                         raise
-                    await self._sleep(self._backoff(attempt, self._classify(e).retry_after))
-        except genai_errors.APIError as e:
-            hint = (" (check the API key / credentials)" if e.code in (401, 403)
-                    else " (check judge.model and the request config)" if e.code in (400, 404)
+                    await self._sleep(self.backoff(attempt, e.retry_after))
+        except JudgeHTTPError as e:
+            hint = (" (check the API key / credentials)" if e.status in (401, 403)
+                    else " (check judge.model, judge.base_url and the request config)" if e.status in (400, 404)
                     else "")
-            raise JudgeError(self._scrub(
-                f"judge preflight: {where} answered HTTP {e.code} {e.status or ''} for model "
-                f"{self.model}{hint}: {e.message or ''}")) from None
+            raise JudgeError(f"judge preflight: {where} answered {e}{hint}") from None
         except JudgeOutputError as e:
-            raise JudgeError(self._scrub(
-                f"judge preflight: {where} ({self.model}) answered without valid rubric "
-                f"JSON: {e}")) from None
+            raise JudgeError(f"judge preflight: {where} answered without valid rubric JSON: {e}") from None
         except asyncio.TimeoutError:
-            raise JudgeError(f"judge preflight: {where} ({self.model}) did not answer within "
-                             f"{timeout_s:g}s") from None
+            raise JudgeError(f"judge preflight: {where} did not answer within {timeout_s:g}s") from None
         except Exception as e:  # noqa: BLE001 -- unreachable host, refused connection, ...
-            raise JudgeError(self._scrub(
-                f"judge preflight: cannot reach {where} ({self.model}): "
-                f"{type(e).__name__}: {e}")) from None
+            raise JudgeError(f"judge preflight: cannot reach {where}: {type(e).__name__}: {e}") from None
 
     async def aclose(self) -> None:
-        for c in (self._client, self._standard_client):
-            await c.aio.aclose()
+        await self.api.aclose()
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """What a reward worker needs to build its judge (cluster/roles.py fills it from config)."""
+
+    backend: str  # local | gemini | openai
+    model: str
+    base_url: str = ""
+    api_key_env: str = "GEMINI_API_KEY"
+    vertex: bool = False
+    flex: bool = True
+    temperature: float = 0.2
+    top_p: float = 0.9
+    seed: int | None = None
+    thinking_level: str = "medium"
+    max_output_tokens: int | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    evaluation: bool = False
+
+    def cache_params(self) -> dict:
+        """Everything that changes a judgment besides the texts (goes into the cache key)."""
+        return {"backend": self.backend, "model": self.model, "rubric": rubric.RUBRIC_VERSION,
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "thinking_level": self.thinking_level, "max_output_tokens": self.max_output_tokens,
+                "endpoint": self.base_url if self.backend == "openai" else ""}
+
+
+def api_key(s: JudgeSettings) -> str | None:
+    """The key from the environment (never from config); errors name the variable."""
+    if s.backend == "local":
+        return "loopback"
+    key = os.environ.get(s.api_key_env) or None
+    if s.backend == "gemini" and not key and not s.vertex:
+        raise EnvironmentSetupError(f"judge.backend=gemini needs an API key in the environment variable "
+                                    f"{s.api_key_env}")
+    if s.backend == "openai" and not key and not s.base_url:
+        raise EnvironmentSetupError(f"judge.backend=openai with the default endpoint needs an API key in the "
+                                    f"environment variable {s.api_key_env} (a self-hosted judge: set judge.base_url)")
+    return key
+
+
+def make_api(s: JudgeSettings) -> JudgeAPI:
+    key = api_key(s)
+    if s.backend == "openai":
+        from reward.openai_api import OpenAIJudgeAPI
+
+        return OpenAIJudgeAPI(key, model=s.model, base_url=s.base_url or "https://api.openai.com/v1",
+                              temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                              max_output_tokens=s.max_output_tokens)
+    from reward.gemini_api import GeminiJudgeAPI
+
+    return GeminiJudgeAPI(key, model=s.model, base_url=s.base_url or None, vertexai=s.vertex, flex=s.flex,
+                          temperature=s.temperature, top_p=s.top_p, thinking_level=s.thinking_level,
+                          max_output_tokens=s.max_output_tokens)
+
+
+def make_judge(s: JudgeSettings, limiter: Limiter | None = None) -> Judge:
+    return Judge(make_api(s), retry=s.retry, limiter=limiter, evaluation=s.evaluation)

@@ -1,242 +1,262 @@
-"""A loopback stand-in for the Gemini judge: the generateContent REST API on 127.0.0.1.
+"""A loopback test double of the judge services: Gemini generateContent and OpenAI chat
+completions on 127.0.0.1, with the real services' failure modes.
 
-It answers POST .../models/{model}:generateContent (Developer API /v1beta/ and /v1/, Vertex
-/v1beta1/ and /v1/ with or without projects/{p}/locations/{l}/publishers/google/) with
-deterministic rubric scores computed from text features of the delimited story: longer, more
-varied, paragraphed text with dialogue scores higher; repetition and very short text are
-penalised. The answer follows the request's response schema (JSON or OpenAPI style), so it
-is valid against whatever rubric the client sent. Any API key is accepted and none is logged.
+Routes: POST .../models/{model}:generateContent (Developer API /v1beta/ and /v1/, Vertex
+/v1beta1/ and /v1/ with or without projects/{p}/locations/{l}/publishers/google/); POST
+/v1/chat/completions and /chat/completions (OpenAI-compatible, json_schema response_format);
+GET /stats (the stats() dict; neither counted nor rate limited). Answers carry deterministic
+rubric scores from text features (reward/stand_in_scores.py) that fit the request's schema,
+in each API's envelope (reward/stand_in_wire.py); no schema -> the text "OK". Any API key is
+accepted and none is recorded (`requests` keeps path, body and the other headers).
 
-Faults (off by default, seeded): 429 with Retry-After, 503, slow answers, malformed JSON;
-`script` forces the outcomes of the first requests ("429", "503", "slow", "malformed", "ok").
+What a request goes through, on either API:
+- rpm_limit > 0: at most rpm_limit accepted arrivals in any trailing window_s seconds; an
+  arrival beyond that is rejected at once with 429 and Retry-After (whole seconds until the
+  oldest accepted arrival leaves the window) and counted as a violation.
+- an accepted request then draws its outcome (Faults: `script` first, then seeded rates):
+  ok, 429 (with Retry-After: retry_after_s), 503, slow (+slow_s), hang (+hang_s, past the
+  client's timeout), truncated (JSON cut in half), schema (valid JSON the rubric rejects).
+- every accepted request sleeps uniform(latency_s) before answering, faults included.
+
+    with LocalJudgeServer(rpm_limit=60, latency_s=(0.5, 2.0), faults=Faults.mixed(0.1)) as srv:
+        genai.Client(http_options={"base_url": srv.base_url})  # or base_url + "/v1" for OpenAI
+
+`python -m reward.judge_server --port 8000 --rpm 60 --latency 0.5 2 --fault-rate 0.1` serves
+until Ctrl-C.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import bisect
 import json
+import math
 import random
-import re
 import threading
-from collections import Counter
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from reward import rubric
+from reward.stand_in_scores import break_schema, judge_json
+from reward.stand_in_wire import Call, Gemini, OpenAI, Wire
 
-API_KEY_HEADERS = ("x-goog-api-key", "authorization")
-
-# name -> which feature drives it; unknown schema properties follow overall quality.
-_CLICHES = ("suddenly", "little did", "heart pounded", "once upon a time", "in the nick of time",
-            "all of a sudden", "a chill ran down", "let out a breath", "testament to")
-_TELLING = re.compile(r"\b(felt|feel|feeling|was (very )?(sad|happy|angry|afraid|scared))\b",
-                      re.IGNORECASE)
-
-_PROMPT_STOPWORDS = {"write", "story", "about", "that", "with", "your", "their", "there", "this",
-                     "from", "they", "have", "what", "when", "which", "where", "would", "should"}
+API_KEY_HEADERS = ("x-goog-api-key", "authorization", "api-key")
+OUTCOMES = ("ok", "429", "503", "slow", "hang", "truncated", "schema")
+_VERSION = "/{version:v1|v1beta|v1beta1}"
+_GEMINI_PREFIXES = (_VERSION, _VERSION + "/publishers/google",
+                    _VERSION + "/projects/{project}/locations/{location}/publishers/google")
 
 
 @dataclass
 class Faults:
+    """Seeded fault injection: each accepted request draws one outcome, rates in field order."""
     p_429: float = 0.0
     p_503: float = 0.0
     p_slow: float = 0.0
-    p_malformed: float = 0.0
-    retry_after_s: int = 1
+    p_hang: float = 0.0
+    p_truncated: float = 0.0
+    p_schema: float = 0.0
+    retry_after_s: int = 1  # the Retry-After of injected 429s
     slow_s: float = 2.0
+    hang_s: float = 3600.0  # past any client timeout
     seed: int = 0
-    script: list[str] = field(default_factory=list)
+    script: list[str] = field(default_factory=list)  # forced outcomes of the first requests
 
+    def __post_init__(self) -> None:
+        for outcome, p in self.rates().items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"Faults.p_{outcome} must be in [0, 1], got {p}")
+        if sum(self.rates().values()) > 1.0 + 1e-9:
+            names = " + ".join(f"p_{o}" for o in self.rates())
+            raise ValueError(f"Faults: {names} = {sum(self.rates().values())} exceeds 1")
+        unknown = [s for s in self.script if s not in OUTCOMES]
+        if unknown:
+            raise ValueError(f"Faults.script: unknown outcomes {unknown}; known: {OUTCOMES}")
 
-def _clamp01(x: float) -> float:
-    return min(1.0, max(0.0, x))
+    def rates(self) -> dict[str, float]:
+        return {"429": self.p_429, "503": self.p_503, "slow": self.p_slow, "hang": self.p_hang,
+                "truncated": self.p_truncated, "schema": self.p_schema}
 
-
-def story_features(story: str, prompt: str = "") -> dict[str, float]:
-    """Text features in [0, 1] (1 = more of the thing named)."""
-    words = re.findall(r"[a-z']+", story.lower())
-    n = len(words)
-    window = 50  # moving-average type/token ratio: independent of length
-    ttrs = [len(set(words[i:i + window])) / window for i in range(0, max(1, n - window + 1), 10)]
-    mattr = sum(ttrs) / len(ttrs) if n >= window else (len(set(words)) / n if n else 0.0)
-    grams = [tuple(words[i:i + 4]) for i in range(n - 3)]
-    rep4 = (sum(c for c in Counter(grams).values() if c > 1) / len(grams)) if grams else 0.0
-    lines = [ln.strip() for ln in story.splitlines() if ln.strip()]
-    dup = 1 - len(set(lines)) / len(lines) if lines else 0.0
-    sents = [len(s.split()) for s in re.split(r"[.!?]+", story) if s.split()]
-    mean = sum(sents) / len(sents) if sents else 0.0
-    var = sum((x - mean) ** 2 for x in sents) / len(sents) if sents else 0.0
-    p_words = set(re.findall(r"[a-z']{4,}", prompt.lower())) - _PROMPT_STOPWORDS
-    return {
-        "length": _clamp01(n / 400),
-        "diversity": _clamp01((mattr - 0.4) / 0.4),
-        "variety": _clamp01((var ** 0.5 / mean) / 0.6) if mean else 0.0,
-        "paragraphs": _clamp01((len(re.split(r"\n\s*\n", story.strip())) - 1) / 5),
-        "dialogue": _clamp01(story.count('"') / 2 / max(1, len(sents)) * 3),
-        "punctuation": len(set(story) & set(",;:!?\"'-()")) / 10,
-        "repetition": _clamp01(3 * rep4 + dup),
-        "cliche": _clamp01(sum(story.lower().count(c) for c in _CLICHES) / 3),
-        "telling": _clamp01(len(_TELLING.findall(story)) / max(1, len(sents)) * 4),
-        "adverbs": _clamp01(sum(w.endswith("ly") for w in words) / max(1, n) * 15),
-        "meta": _clamp01(len(re.findall(r"^#|\*\*|word count|^title:", story, re.I | re.M)) / 2),
-        "on_prompt": len(p_words & set(words)) / len(p_words) if p_words else 1.0,
-    }
-
-
-def _fractions(f: dict[str, float]) -> dict[str, float]:
-    """Per rubric dimension, the fraction of its maximum the stand-in judge awards."""
-    fresh = f["length"] * (1 - f["repetition"])
-    quality = fresh * (0.4 + 0.3 * f["diversity"] + 0.15 * f["variety"] + 0.15 * f["paragraphs"])
-    return {
-        "plot": fresh * (0.5 + 0.5 * f["paragraphs"]),
-        "character": fresh * (0.4 + 0.6 * f["dialogue"]),
-        "prose": fresh * (0.3 + 0.4 * f["diversity"] + 0.3 * f["variety"]),
-        "structure": fresh * (0.4 + 0.6 * f["paragraphs"]),
-        "originality": fresh * f["diversity"],
-        "emotional_impact": fresh * (0.4 + 0.3 * f["punctuation"] + 0.3 * f["dialogue"]),
-        "cliche": f["cliche"],
-        "purple_prose": f["adverbs"],
-        "incoherence": 0.5 * (1 - f["diversity"]) + 0.5 * f["repetition"],
-        "repetition": f["repetition"],
-        "unresolved_threads": 1 - f["length"],
-        "telling_not_showing": f["telling"],
-        "flat_dialogue": 0.5 * (1 - f["dialogue"]),
-        "pacing": 1 - f["variety"],
-        "meta_artifacts": f["meta"],
-        "prompt_neglect": 1 - f["on_prompt"],
-        "bonus": _clamp01((quality - 0.75) * 4),
-        "penalty": _clamp01(1 - f["length"] * 4) if f["length"] < 0.25 else f["repetition"] ** 2,
-        "": quality,
-    }
-
-
-def _first_sentence(story: str) -> str:
-    s = re.split(r"(?<=[.!?])\s", story.strip(), maxsplit=1)[0]
-    return s[:120]
-
-
-def _get(d: dict, *keys: str):
-    for k in keys:
-        if isinstance(d, dict) and k in d:
-            return d[k]
-    return None
-
-
-def judge_json(schema: dict, prompt: str, story: str) -> dict:
-    """A JSON object valid against schema (object of {evidence, score} objects, or of ints)."""
-    frac = _fractions(story_features(story, prompt))
-    quote = _first_sentence(story)
-    out = {}
-    props = _get(schema, "properties") or {}
-    for name, sub in props.items():
-        x = frac.get(name, frac[""])
-        sub_props = _get(sub, "properties") or {}
-        if sub_props:
-            score_schema = sub_props.get("score", {})
-            out[name] = {"evidence": quote if x > 0 else "",
-                         "score": _scaled(score_schema, x)}
-        else:
-            out[name] = _scaled(sub, x)
-    return out
-
-
-def _scaled(schema: dict, x: float) -> int:
-    lo, hi = int(_get(schema, "minimum") or 0), int(_get(schema, "maximum") or 10)
-    return lo + round((hi - lo) * _clamp01(x))
-
-
-def _request_text(body: dict) -> tuple[str, str]:
-    """(all text the request carries, the user text)."""
-    def texts(content):
-        return [p.get("text", "") for p in (content or {}).get("parts", []) if isinstance(p, dict)]
-    user = "\n".join(t for c in body.get("contents", []) for t in texts(c))
-    system = "\n".join(texts(_get(body, "systemInstruction", "system_instruction")))
-    return system + "\n" + user, user
+    @classmethod
+    def mixed(cls, rate: float, *, seed: int = 0, hang_s: float = 3600.0) -> Faults:
+        """rate split evenly over 429, 503, hang, truncated and schema."""
+        share = rate / 5
+        return cls(p_429=share, p_503=share, p_hang=share, p_truncated=share, p_schema=share,
+                   hang_s=hang_s, seed=seed)
 
 
 class LocalJudgeServer:
-    """with LocalJudgeServer() as srv: genai.Client(http_options={"base_url": srv.base_url})"""
+    """Serves on 127.0.0.1 from its own thread; `requests` records every arrival, rejected ones
+    included. Gemini clients take base_url, OpenAI clients base_url + "/v1"."""
 
-    def __init__(self, port: int = 0, faults: Faults | None = None):
+    def __init__(self, port: int = 0, faults: Faults | None = None, *,
+                 latency_s: tuple[float, float] = (0.0, 0.0), rpm_limit: int = 0,
+                 window_s: float = 60.0):
+        lo, hi = latency_s
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"latency_s must be (lo, hi) with 0 <= lo <= hi, got {latency_s}")
+        if rpm_limit < 0 or window_s <= 0:
+            raise ValueError(f"need rpm_limit >= 0 and window_s > 0, got {rpm_limit}, {window_s}")
         self.port = port
         self.faults = faults or Faults()
+        self.latency_s = (float(lo), float(hi))
+        self.rpm_limit, self.window_s = rpm_limit, window_s
         self.requests: list[dict] = []  # {"path", "body", "headers"} without key headers
         self.in_flight = self.max_in_flight = 0
-        self._rng = random.Random(self.faults.seed)
+        self._fault_rng = random.Random(self.faults.seed)
+        self._latency_rng = random.Random(f"latency:{self.faults.seed}")
         self._script = list(self.faults.script)
+        self._schema_faults = 0
+        # Handlers run on the server's loop thread; stats() may be called from any thread.
+        self._lock = threading.Lock()
+        self._accepted_at: list[float] = []  # time.monotonic() of accepted arrivals, ascending
+        self._arrivals = self._violations = self._dropped = 0
+        self._answered = dict.fromkeys(OUTCOMES, 0)
+        self._handling_s: list[float] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self.base_url = ""
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    # -- statistics -------------------------------------------------------------------------
+
+    def accepted_since(self, seconds_ago: float) -> int:
+        """Accepted arrivals in the last seconds_ago seconds."""
+        with self._lock:
+            return self._accepted_after(time.monotonic() - seconds_ago)
+
+    def _accepted_after(self, t: float) -> int:
+        return len(self._accepted_at) - bisect.bisect_right(self._accepted_at, t)
+
+    def stats(self) -> dict:
+        with self._lock:
+            handling = sorted(self._handling_s)
+            return {
+                "arrivals": self._arrivals,
+                "accepted": len(self._accepted_at),
+                "violations": self._violations,  # arrivals rejected by the RPM window
+                "answered": dict(self._answered),
+                "dropped": self._dropped,  # client went away before the answer
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+                "accepted_last_window": self._accepted_after(time.monotonic() - self.window_s),
+                "rpm_limit": self.rpm_limit,
+                "window_s": self.window_s,
+                "latency_p50_s": _quantile(handling, 0.50),
+                "latency_p99_s": _quantile(handling, 0.99),
+            }
+
+    # -- request handling -------------------------------------------------------------------
+
+    async def _gemini(self, request: web.Request) -> web.Response:
+        return await self._handle(request, Gemini)
+
+    async def _openai(self, request: web.Request) -> web.Response:
+        return await self._handle(request, OpenAI)
+
+    async def _stats(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _handle(self, request: web.Request, wire: Wire) -> web.Response:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "INVALID_ARGUMENT", "request body is not JSON")
+            body = None
+        if not isinstance(body, dict):
+            return _error(wire, 400, "request body is not a JSON object")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in API_KEY_HEADERS}
         self.requests.append({"path": request.path, "body": body, "headers": headers})
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            return await self._answer(request, body)
-        finally:
-            self.in_flight -= 1
-
-    async def _answer(self, request: web.Request, body: dict) -> web.Response:
+        wait_s = self._admit()
+        if wait_s is not None:
+            return _error(wire, 429, "stand-in judge: requests per minute exceeded",
+                          retry_after=max(1, math.ceil(wait_s)))
         outcome = self._script.pop(0) if self._script else self._draw()
-        if outcome == "429":
-            return _error(429, "RESOURCE_EXHAUSTED", "stand-in judge: rate limited",
-                          {"Retry-After": str(self.faults.retry_after_s)})
-        if outcome == "503":
-            return _error(503, "UNAVAILABLE", "stand-in judge: overloaded")
-        if outcome == "slow":
-            await asyncio.sleep(self.faults.slow_s)
-        all_text, user = _request_text(body)
-        config = _get(body, "generationConfig", "generation_config") or {}
-        schema = _get(config, "responseJsonSchema", "responseSchema", "response_json_schema",
-                      "response_schema")
-        found = rubric.extract_delimited(user)
-        if schema:
-            prompt, story = found if found is not None else ("", user)
-            text = json.dumps(judge_json(schema, prompt, story))
-        else:
-            text = "OK"
-        if outcome == "malformed":
-            text = text[: len(text) // 2]
-        thinking = _get(config, "thinkingConfig") is not None
-        prompt_tokens, out_tokens = len(all_text) // 4 + 1, len(text) // 4 + 1
-        thought_tokens = 2 * out_tokens if thinking else 0
-        return web.json_response({
-            "candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
-                            "finishReason": "STOP", "index": 0}],
-            "usageMetadata": {
-                "promptTokenCount": prompt_tokens,
-                "candidatesTokenCount": out_tokens,
-                "thoughtsTokenCount": thought_tokens,
-                "totalTokenCount": prompt_tokens + out_tokens + thought_tokens,
-            },
-            "modelVersion": request.match_info.get("model", ""),
-        })
+        start = time.monotonic()
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        answered = False
+        try:
+            response = await self._answer(body, request, wire, outcome)
+            answered = True
+            return response
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                if answered:
+                    self._answered[outcome] += 1
+                    self._handling_s.append(time.monotonic() - start)
+                else:
+                    self._dropped += 1
+
+    def _admit(self) -> float | None:
+        """Count an arrival: None if accepted, else seconds until the window frees a slot."""
+        with self._lock:
+            now = time.monotonic()
+            self._arrivals += 1
+            if self.rpm_limit > 0:
+                first = bisect.bisect_right(self._accepted_at, now - self.window_s)
+                if len(self._accepted_at) - first >= self.rpm_limit:
+                    self._violations += 1
+                    return self._accepted_at[first] + self.window_s - now
+            self._accepted_at.append(now)
+            return None
 
     def _draw(self) -> str:
-        f, u = self.faults, self._rng.random()
-        for name, p in (("429", f.p_429), ("503", f.p_503), ("slow", f.p_slow),
-                        ("malformed", f.p_malformed)):
+        u = self._fault_rng.random()
+        for outcome, p in self.faults.rates().items():
             if u < p:
-                return name
+                return outcome
             u -= p
         return "ok"
 
+    async def _answer(self, body: dict, request: web.Request, wire: Wire,
+                      outcome: str) -> web.Response:
+        delay = self._latency_rng.uniform(*self.latency_s)
+        delay += {"slow": self.faults.slow_s, "hang": self.faults.hang_s}.get(outcome, 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if outcome == "429":
+            return _error(wire, 429, "stand-in judge: rate limited",
+                          retry_after=self.faults.retry_after_s)
+        if outcome == "503":
+            return _error(wire, 503, "stand-in judge: overloaded")
+        call = wire.call(body, request)
+        text = self._text(call, outcome)
+        out_tokens = len(text) // 4 + 1
+        return web.json_response(wire.answer(call, text, len(call.all_text) // 4 + 1, out_tokens,
+                                             2 * out_tokens if call.thinking else 0))
+
+    def _text(self, call: Call, outcome: str) -> str:
+        found = rubric.extract_delimited(call.user)
+        prompt, story = found if found is not None else ("", call.user)
+        judgment = judge_json(call.schema, prompt, story) if call.schema else None
+        if outcome == "schema":
+            judgment = break_schema(judgment or {}, self._schema_faults)
+            self._schema_faults += 1
+        text = "OK" if judgment is None else json.dumps(judgment)
+        return text[: len(text) // 2] if outcome == "truncated" else text
+
+    # -- lifecycle --------------------------------------------------------------------------
+
     def _app(self) -> web.Application:
         app = web.Application()
-        for prefix in ("/{version:v1|v1beta|v1beta1}",
-                       "/{version:v1|v1beta|v1beta1}/publishers/google",
-                       "/{version:v1|v1beta|v1beta1}/projects/{project}/locations/{location}"
-                       "/publishers/google"):
-            app.router.add_post(prefix + "/models/{model}:generateContent", self._handle)
+        for prefix in _GEMINI_PREFIXES:
+            app.router.add_post(prefix + "/models/{model}:generateContent", self._gemini)
+        for path in ("/v1/chat/completions", "/chat/completions"):
+            app.router.add_post(path, self._openai)
+        app.router.add_get("/stats", self._stats)
         return app
+
+    @classmethod
+    def from_config(cls, judge) -> LocalJudgeServer:
+        """From conf.schema.JudgeConfig: its `local` section; hangs outlast the client's timeout."""
+        local = judge.local
+        faults = Faults.mixed(local.fault_rate, seed=local.seed, hang_s=judge.timeout_s + 30)
+        return cls(faults=faults, latency_s=(local.latency_min_s, local.latency_max_s), rpm_limit=local.rpm_limit)
 
     def start(self) -> str:
         """Serve on 127.0.0.1 in a background thread; returns the base URL."""
@@ -268,7 +288,9 @@ class LocalJudgeServer:
         return self.base_url
 
     async def _serve(self) -> None:
-        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=1.0)
+        # handler_cancellation: a request whose client gave up (timed out) stops being in flight
+        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=0.25,
+                                     handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
@@ -277,13 +299,13 @@ class LocalJudgeServer:
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:
-            # in-flight requests get shutdown_timeout to finish, then are cancelled
+            # in-flight (even hung) requests get 2 x shutdown_timeout to finish, then are cancelled
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._loop = self._thread = None
 
-    def __enter__(self) -> LocalJudgeServer:
+    def __enter__(self) -> LocalJudgeServer:  # noqa: PYI034 -- typing.Self is 3.11+, we support 3.10
         self.start()
         return self
 
@@ -291,6 +313,38 @@ class LocalJudgeServer:
         self.stop()
 
 
-def _error(code: int, status: str, message: str, headers: dict | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message, "status": status}},
-                             status=code, headers=headers)
+def _error(wire: Wire, code: int, message: str, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response(wire.error(code, message), status=code, headers=headers)
+
+
+def _quantile(ascending: list[float], q: float) -> float | None:
+    """Nearest-rank quantile; None without data."""
+    if not ascending:
+        return None
+    return ascending[min(len(ascending) - 1, max(0, math.ceil(q * len(ascending)) - 1))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Serve the stand-in judge on 127.0.0.1 until Ctrl-C.")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--rpm", type=int, default=0, help="accepted requests per window (0: no limit)")
+    p.add_argument("--window", type=float, default=60.0, help="RPM window in seconds")
+    p.add_argument("--latency", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"))
+    p.add_argument("--fault-rate", type=float, default=0.0, help="see Faults.mixed")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    srv = LocalJudgeServer(a.port, Faults.mixed(a.fault_rate, seed=a.seed),
+                           latency_s=tuple(a.latency), rpm_limit=a.rpm, window_s=a.window)
+    print(f"stand-in judge at {srv.start()} (stats: GET /stats); Ctrl-C stops", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+        print(json.dumps(srv.stats()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,22 @@
-"""The reward worker: judge a story, then fold the judgment and the text features into the
-POLARIS reward. A plain async class; cluster/roles.py makes it an async Ray actor."""
+"""The reward worker: judge stories, then fold each judgment and the story's text features into
+the POLARIS reward. A plain async class; cluster/roles.py makes it an async Ray actor, one of a
+pool that leases rate-limit capacity from one limiter actor (reward/limiter.py)."""
 from __future__ import annotations
 
 import asyncio
-import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from conf.errors import EnvironmentSetupError
-from reward.components import RewardBreakdown, RewardParams, score_response, split_thinking, strip_length_sentence
+from reward import rubric
+from reward.components import (
+    RewardBreakdown,
+    RewardParams,
+    score_response,
+    split_thinking,
+    strip_length_sentence,
+)
+from reward.judge_client import Judge, JudgeResult, JudgeSettings, Limiter, make_judge
+from reward.rubric import Judgment
 
 
 @dataclass(frozen=True)
@@ -19,67 +28,99 @@ class ScoringJob:
     num_tokens: int
     story_start: int  # index of the first story token (after </think>) in the response
     truncated: bool
+    cached: Judgment | None = None  # a judgment from the cache: no judge call
+
+    def judged_texts(self) -> tuple[str, str]:
+        """(prompt, story) as the judge sees them: no length sentence, no thinking."""
+        return strip_length_sentence(self.prompt_text), split_thinking(self.response_text)[1]
 
 
 @dataclass(frozen=True)
 class ScoredSample:
     key: str
     reward: RewardBreakdown | None  # None: the judgment failed after its retries (row invalid)
+    judgment: Judgment | None
     judge_error: str | None
-    judge_attempts: int
-    input_tokens: int
+    judge_attempts: int  # HTTP attempts; 0 for a cache hit
+    input_tokens: int  # billed by the judge for this story (0 for a cache hit)
     output_tokens: int
+    cached: bool = False
+    latency_s: float = 0.0
+    wait_s: float = 0.0
 
     @property
     def valid(self) -> bool:
         return self.reward is not None
 
 
-@dataclass(frozen=True)
-class JudgeSettings:
-    backend: str
-    model: str
-    base_url: str
-    api_key_env: str
-    vertex: bool
-    flex: bool
-    temperature: float
-    top_p: float
-    thinking_level: str
-    max_attempts: int
-    timeout_s: float
-    max_concurrency: int
+class RemoteLimiter:
+    """The named limiter actor as a Limiter. Found by name, so a restarted worker's constructor
+    arguments hold no actor handle. Releases are not awaited (nothing waits on them)."""
 
+    def __init__(self, name: str, namespace: str):
+        self.name, self.namespace = name, namespace
+        self._handle = None
 
-def make_judge(s: JudgeSettings):
-    from reward.judge_client import GeminiJudge
+    @property
+    def handle(self):
+        if self._handle is None:
+            import ray
 
-    if s.backend == "openai":
-        raise NotImplementedError("judge.backend=openai arrives with the reward-pool issue; use local or gemini")
-    api_key = os.environ.get(s.api_key_env) if s.backend == "gemini" else "loopback"
-    if s.backend == "gemini" and not api_key and not s.vertex:
-        raise EnvironmentSetupError(f"judge.backend=gemini needs an API key in the environment variable {s.api_key_env}")
-    return GeminiJudge(api_key, model=s.model, base_url=s.base_url or None, vertexai=s.vertex, flex=s.flex,
-                       temperature=s.temperature, top_p=s.top_p, thinking_level=s.thinking_level,
-                       max_attempts=s.max_attempts, timeout_s=s.timeout_s, concurrency=s.max_concurrency)
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        return self._handle
+
+    async def acquire(self, tokens: int = 0) -> int:
+        return await self.handle.acquire.remote(tokens)
+
+    def release(self, lease_id: int, actual_tokens: int | None = None) -> None:
+        self.handle.release.remote(lease_id, actual_tokens)
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "namespace": self.namespace, "_handle": None}
 
 
 class RewardWorker:
-    def __init__(self, judge_settings: JudgeSettings, params: RewardParams):
-        self.judge = make_judge(judge_settings)
-        self.params = params
+    def __init__(self, judge_settings: JudgeSettings, params: RewardParams, limiter: Limiter | None = None):
+        """limiter: RemoteLimiter(actor) in a pool; None: a private one with default limits."""
+        self.settings, self.params, self._limiter = judge_settings, params, limiter
+        self._judge: Judge | None = None
+
+    @property
+    def judge(self) -> Judge:
+        if self._judge is None:  # built inside the actor's event loop, which its HTTP session binds to
+            self._judge = make_judge(self.settings, self._limiter)
+        return self._judge
 
     async def preflight(self) -> None:
         await self.judge.preflight()
 
-    async def score(self, jobs: list[ScoringJob]) -> list[ScoredSample]:
-        return list(await asyncio.gather(*(self._score_one(job) for job in jobs)))
+    async def score_stream(self, jobs: list[ScoringJob]) -> AsyncIterator[tuple[int, ScoredSample]]:
+        """(index in jobs, result) as each story is done: one Ray call per batch, one answer per story."""
+        tasks = [asyncio.ensure_future(self._indexed(i, job)) for i, job in enumerate(jobs)]
+        try:
+            for done in asyncio.as_completed(tasks):
+                yield await done
+        finally:
+            for t in tasks:
+                t.cancel()
 
-    async def _score_one(self, job: ScoringJob) -> ScoredSample:
-        _, story = split_thinking(job.response_text)
-        result = await self.judge.judge(strip_length_sentence(job.prompt_text), story)
+    async def _indexed(self, index: int, job: ScoringJob) -> tuple[int, ScoredSample]:
+        return index, await self.score_one(job)
+
+    async def score_one(self, job: ScoringJob) -> ScoredSample:
+        prompt, story = job.judged_texts()
+        if job.cached is not None:
+            result = JudgeResult(job.cached, rubric.overall_score(job.cached, evaluation=self.settings.evaluation),
+                                 0, 0, 0)
+        else:
+            result = await self.judge.judge(prompt, story)
         reward = None
         if result.ok:
             reward = score_response(result.overall / 100.0, story, job.target_words, job.num_tokens,
                                     job.story_start, job.truncated, self.params)
-        return ScoredSample(job.key, reward, result.error, result.attempts, result.input_tokens, result.output_tokens)
+        return ScoredSample(job.key, reward, result.judgment, result.error, result.attempts, result.input_tokens,
+                            result.output_tokens, job.cached is not None, result.latency_s, result.wait_s)
+
+    async def aclose(self) -> None:
+        if self._judge is not None:
+            await self._judge.aclose()

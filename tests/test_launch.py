@@ -139,3 +139,40 @@ def test_checks_import_none_of_the_heavy_stack():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def launch_run(args, env, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), "trainer.progress_bar=false", *args],
+                          cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_faulty_judge_run_completes_and_its_repeat_pays_only_for_what_failed(tmp_path, ray_address, tiny_model_path):
+    """30% mixed judge faults (429, 503, hangs, truncated and schema-violating JSON), two attempts
+    per story: every story is judged or counted invalid, no invalid one is trained on, and the
+    same step run again from the same judge cache pays only for the stories that failed."""
+    env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent)}
+    common = ["trainer.total_steps=1", f"judge.cache_path={tmp_path / 'judge_cache.sqlite'}",
+              "judge.local.rpm_limit=600", "judge.timeout_s=3"]
+    # asked for 2 steps under a budget that step 0 (about $0.10 at the loopback's token counts) leaves
+    # too little of for a second: the run stops cleanly before step 1 and still saves the policy
+    faulty = launch_run([*common, f"trainer.output_dir={tmp_path / 'faulty'}", "judge.local.fault_rate=0.3",
+                         "judge.max_attempts=2", "trainer.total_steps=2", "judge.budget_usd=0.15"], env)
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    assert "0 rate-limit violations" in faulty.stdout
+    assert "judge.budget_usd=$0.15" in faulty.stdout and "stopped before step 1" in faulty.stdout
+    assert (tmp_path / "faulty" / "hf_model" / "model.safetensors").exists()
+    (m,) = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    assert m["judge/stories"] == 48 and m["judge/retries"] > 0  # step 0: 8 prompts x 6, no reference yet
+    assert m["judge/requests"] == m["judge/stories"] + m["judge/retries"]
+    assert m["groups/dropped"] == 0 and m["groups/rows_trained"] == 48 - m["judge/failed"]  # invalid: not trained
+    assert m["judge/spend_usd"] > 0
+
+    repeat = launch_run([*common, f"trainer.output_dir={tmp_path / 'repeat'}"], env)
+    assert repeat.returncode == 0, repeat.stderr[-3000:]
+    (r,) = [json.loads(line) for line in (tmp_path / "repeat" / "metrics.jsonl").read_text().splitlines()]
+    assert r["judge/cache_hits"] == 48 - m["judge/failed"]  # the same stories: every judged one is a hit
+    assert r["judge/requests"] == m["judge/failed"] and r["judge/failed"] == 0
+    assert r["judge/cache_hit_rate"] == pytest.approx(r["judge/cache_hits"] / 48)
+    if m["judge/failed"] == 0:
+        assert r["judge/spend_usd"] == 0

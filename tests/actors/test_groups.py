@@ -12,7 +12,7 @@ from reward.worker import ScoredSample
 def scored(score, valid=True):
     reward = RewardBreakdown(sq=0.5, self_rep=0.0, length_penalty=0.0, blank=0.0, scalar=score / 10, score=score,
                              word_count=10, target_words=10, length_ratio=1.0) if valid else None
-    return ScoredSample("k", reward, None if valid else "HTTP 503", 1, 100, 20)
+    return ScoredSample("k", reward, None, None if valid else "HTTP 503", 1, 100, 20)
 
 
 def row(uid, score, *, ref=False, valid=True, version=0, n_tokens=3):

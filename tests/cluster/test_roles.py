@@ -21,11 +21,12 @@ def max_abs_diff(samples, learner_logprobs):
     return max(diffs)
 
 
-def test_engine_and_learner_logprobs_agree_across_a_broadcast(ray_address, tiny_model_path):
+def test_engine_and_learner_logprobs_agree_across_a_broadcast(ray_address, tiny_model_path, tmp_path):
     cfg = load_config(["learner.lr=1e-3", "rollout.sampling.max_new_tokens=48"])
     codec = ChatCodec(AutoTokenizer.from_pretrained(tiny_model_path), enable_thinking=True, max_new_tokens=48)
     roles = start_roles(cfg, model_path=tiny_model_path, stop_token_ids=codec.stop_ids,
-                        pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9", run_name="parity")
+                        pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9", run_name="parity",
+                        output_dir=str(tmp_path))
     try:
         prompts = load_prompts("data/tiny/val.jsonl", require_reference=False)[:3]
         requests = [(p.uid, i, codec.prompt_ids(p), 100 * k + i) for k, p in enumerate(prompts) for i in range(2)]

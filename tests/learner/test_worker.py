@@ -35,7 +35,7 @@ def batch_from_stories(tokenizer_path):
     return codec, TrainBatch(tuple(rows), step=3)
 
 
-def test_one_rank_and_two_ranks_take_the_same_step(ray_address, tiny_model_path):
+def test_one_rank_and_two_ranks_take_the_same_step(ray_address, tiny_model_path, tmp_path):
     codec, batch = batch_from_stories(tiny_model_path)
     results = {}
     for world, zero, micro in [(1, 1, 16), (1, 1, 1), (2, 3, 2)]:
@@ -43,7 +43,7 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_address, tiny_model_path)
                            f"learner.micro_batch_size={micro}"])
         roles = start_roles(cfg, model_path=tiny_model_path, stop_token_ids=codec.stop_ids,
                             pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9",
-                            run_name=f"split-{world}-{zero}-{micro}")
+                            run_name=f"split-{world}-{zero}-{micro}", output_dir=str(tmp_path))
         try:
             results[(world, zero, micro)] = roles.train(batch)
         finally:

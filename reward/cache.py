@@ -1,0 +1,60 @@
+"""A persistent judge cache: a resumed or repeated run never pays twice for the same judgment.
+
+Keyed by everything that decides a judgment (judge backend, model, rubric version, sampling and
+thinking settings) plus the prompt and story texts the judge sees. It stores the judgment (the
+rubric scores), not the reward: reward weights may change between runs, the judgment does not.
+SQLite in WAL mode: safe across processes, and every put is committed as it arrives.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from conf.errors import DataError
+from reward.rubric import Judgment
+
+
+def cache_key(params: dict, prompt_text: str, story: str) -> str:
+    blob = json.dumps({"params": params, "prompt": prompt_text, "story": story}, sort_keys=True,
+                      ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class JudgeCache:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, scores TEXT NOT NULL, "
+                             "evidence TEXT NOT NULL, input_tokens INTEGER, output_tokens INTEGER, created REAL)")
+            self._db.commit()
+        except sqlite3.DatabaseError as e:
+            raise DataError(f"judge cache {self.path} is not a usable SQLite file ({e}); move it away or set "
+                            "judge.cache=false") from None
+
+    def get(self, key: str) -> Judgment | None:
+        row = self._db.execute("SELECT scores, evidence FROM judgments WHERE key = ?", (key,)).fetchone()
+        return Judgment(json.loads(row[0]), json.loads(row[1])) if row else None
+
+    def put(self, key: str, judgment: Judgment, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        self._db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?)",
+                         (key, json.dumps(judgment.scores), json.dumps(judgment.evidence), input_tokens,
+                          output_tokens, time.time()))
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> JudgeCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

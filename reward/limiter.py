@@ -1,0 +1,168 @@
+"""One rate limit for the whole project: requests and input tokens per sliding window, and
+requests in flight. Plain asyncio; cluster/roles.py runs one instance as an async Ray actor that
+every reward worker leases from (one lease per HTTP attempt, retries included).
+
+The windows are sliding logs of grant times, the way a service counts arrivals: that is the
+guarantee. A token bucket alone would not hold it (a full bucket lets a burst through and then
+rpm more within the same minute). The log alone lets the whole minute's quota go at once and
+then stalls for the rest of the minute, so requests are also paced: a bucket of `burst`
+requests refilled at rpm per window spreads them evenly at the limit's rate.
+
+Requests arrive at the service a little after their grant (a Ray reply, the request built and
+sent), so the window is widened by margin_s: grants inside any window_s + margin_s never exceed
+the limit, hence arrivals inside any window_s never do unless one trails its grant by more.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    rpm: int = 0  # requests per window; 0 = no limit
+    burst: int = 0  # requests that may go back to back; 0 = rpm / 10
+    input_tpm: int = 0  # input tokens per window; 0 = no limit
+    max_in_flight: int = 32
+    window_s: float = 60.0
+    margin_s: float = 1.0
+    lease_ttl_s: float = 3600.0  # a lease whose holder died is reclaimed after this
+
+    def __post_init__(self):
+        if self.rpm < 0 or self.input_tpm < 0 or self.max_in_flight < 1 or self.window_s <= 0 or self.margin_s < 0:
+            raise ValueError(f"invalid rate limits: {self}")
+
+
+@dataclass
+class _Lease:
+    granted: float
+    tokens: int
+
+
+class RateLimiter:
+    """FIFO: a request that does not fit yet blocks the ones behind it, so a big story is never
+    starved by a stream of small ones. A single request bigger than input_tpm goes alone."""
+
+    def __init__(self, limits: RateLimits, clock=time.monotonic):
+        self.limits, self._clock = limits, clock
+        self._span = limits.window_s + limits.margin_s
+        self._burst = limits.burst or max(1, limits.rpm // 10)
+        self._pace_per_s = limits.rpm / self._span  # the rate the window sustains, margin included
+        self._bucket, self._bucket_at = float(self._burst), clock()
+        self._requests: deque[float] = deque()  # grant times inside the span
+        self._tokens: deque[_Lease] = deque()  # leases inside the span (tokens counted)
+        self._tokens_in_window = 0
+        self._open: dict[int, _Lease] = {}
+        self._ids = itertools.count(1)
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.granted = 0
+        self.wait_s_total = 0.0
+
+    async def acquire(self, tokens: int = 0) -> int:
+        """Wait for capacity; returns a lease id for release()."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((max(0, int(tokens)), future))
+        self._grant_ready()
+        start = self._clock()
+        try:
+            lease_id = await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted as we were cancelled
+                self.release(future.result())
+            self._grant_ready()  # whoever queued behind us may fit now
+            raise
+        self.wait_s_total += self._clock() - start
+        return lease_id
+
+    def release(self, lease_id: int, actual_tokens: int | None = None) -> None:
+        """The attempt ended. actual_tokens (from the answer's usage) replaces the estimate."""
+        lease = self._open.pop(lease_id, None)
+        if lease is None:
+            return
+        if actual_tokens is not None and self._clock() - lease.granted < self._span:
+            self._tokens_in_window += actual_tokens - lease.tokens
+            lease.tokens = actual_tokens
+        self._grant_ready()
+
+    def stats(self) -> dict:
+        self._prune(self._clock())
+        return {"granted": self.granted, "in_flight": len(self._open), "waiting": len(self._waiters),
+                "requests_in_window": len(self._requests), "tokens_in_window": self._tokens_in_window,
+                "wait_s_total": self.wait_s_total}
+
+    def _prune(self, now: float) -> None:
+        self._bucket = min(self._burst, self._bucket + (now - self._bucket_at) * self._pace_per_s)
+        self._bucket_at = now
+        while self._requests and now - self._requests[0] >= self._span:
+            self._requests.popleft()
+        while self._tokens and now - self._tokens[0].granted >= self._span:
+            self._tokens_in_window -= self._tokens.popleft().tokens
+        for lease_id in [i for i, lease in self._open.items() if now - lease.granted > self.limits.lease_ttl_s]:
+            del self._open[lease_id]
+
+    def _fits(self, tokens: int) -> bool:
+        lim = self.limits
+        if len(self._open) >= lim.max_in_flight:
+            return False
+        if lim.rpm and (len(self._requests) >= lim.rpm or self._bucket < 1):
+            return False
+        return not lim.input_tpm or self._tokens_in_window + tokens <= lim.input_tpm or not self._tokens
+
+    def _grant(self, tokens: int, now: float) -> int:
+        lease_id, lease = next(self._ids), _Lease(now, tokens)
+        self._open[lease_id] = lease
+        self._requests.append(now)
+        self._tokens.append(lease)
+        self._tokens_in_window += tokens
+        self._bucket -= 1
+        self.granted += 1
+        return lease_id
+
+    def _next_change(self, now: float) -> float | None:
+        """Seconds until the pacing bucket holds a request, the oldest window entry leaves or
+        the oldest lease expires."""
+        times = [self._requests[0] + self._span] if self._requests else []
+        if self.limits.rpm and self._bucket < 1:
+            times.append(now + (1 - self._bucket) / self._pace_per_s)
+        if self._tokens:
+            times.append(self._tokens[0].granted + self._span)
+        if self._open:
+            times.append(min(lease.granted for lease in self._open.values()) + self.limits.lease_ttl_s)
+        return max(0.0, min(times) - now) if times else None
+
+    def _grant_ready(self) -> None:
+        """Grant the head of the queue while it fits; then wake up when the window next moves
+        (a timer, not a task: nothing is left pending when the process ends)."""
+        now = self._clock()
+        self._prune(now)
+        while self._waiters and (self._waiters[0][1].done() or self._fits(self._waiters[0][0])):
+            tokens, future = self._waiters.popleft()
+            if not future.done():  # a cancelled acquire takes nothing
+                future.set_result(self._grant(tokens, now))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        delay = self._next_change(now) if self._waiters else None
+        if delay is not None:
+            self._timer = asyncio.get_running_loop().call_later(delay + 1e-3, self._grant_ready)
+
+
+class LimiterService:
+    """RateLimiter with every method a coroutine, so that in an async Ray actor all of them run on
+    the actor's one event loop (a plain method there may run on another thread)."""
+
+    def __init__(self, limits: RateLimits):
+        self.limiter = RateLimiter(limits)
+
+    async def acquire(self, tokens: int = 0) -> int:
+        return await self.limiter.acquire(tokens)
+
+    async def release(self, lease_id: int, actual_tokens: int | None = None) -> None:
+        self.limiter.release(lease_id, actual_tokens)
+
+    async def stats(self) -> dict:
+        return self.limiter.stats()

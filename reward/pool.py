@@ -1,0 +1,201 @@
+"""The driver's side of the reward pool: submit stories one by one, get one future each.
+
+Submissions that arrive together are dispatched as one batch (one Ray call) to the reward worker
+with the fewest stories outstanding; the worker streams each story's result back as soon as it
+is judged (a Ray streaming generator), so no story waits for its batch. Before dispatch a story
+is looked up in the judge cache: a hit goes to the worker with its judgment (scored, never sent
+to the judge, costs nothing); a fresh judgment is written to the cache as it arrives. Spend is
+metered here from the billed tokens of every attempt.
+
+Everything runs on one background asyncio loop; submit() and the metrics are thread-safe.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import statistics
+import threading
+from dataclasses import dataclass, field
+
+from conf.errors import JudgeError
+from reward.cache import JudgeCache, cache_key
+from reward.spend import Prices, dollars
+from reward.worker import ScoredSample, ScoringJob
+
+
+@dataclass
+class _Item:
+    job: ScoringJob
+    future: concurrent.futures.Future
+    key: str | None = None  # cache key
+    resubmits: int = 0
+
+
+@dataclass
+class _Counters:
+    stories: int = 0
+    failed: int = 0
+    cache_hits: int = 0
+    requests: int = 0
+    retries: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+
+
+class RewardPool:
+    def __init__(self, workers: list, *, cache_params: dict, prices: Prices, flex: bool,
+                 cache: JudgeCache | None = None, batch_size: int = 16, batch_wait_s: float = 0.005,
+                 max_resubmits: int = 2):
+        if not workers:
+            raise ValueError("a reward pool needs at least one worker")
+        self.workers, self.cache, self.cache_params = workers, cache, cache_params
+        self.prices, self.flex = prices, flex
+        self.batch_size, self.batch_wait_s, self.max_resubmits = batch_size, batch_wait_s, max_resubmits
+        self.total_usd = 0.0
+        self.batches_sent = 0
+        self._outstanding = [0] * len(workers)
+        self._step = _Counters()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._queue: asyncio.Queue[_Item] | None = None
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run_loop, args=(started,), name="reward-pool", daemon=True)
+        self._thread.start()
+        started.wait()
+
+    def _run_loop(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._queue = asyncio.Queue()
+        self._loop.create_task(self._dispatch_forever())
+        self._loop.call_soon(started.set)
+        self._loop.run_forever()
+
+    # --- driver API ---
+    def submit(self, job: ScoringJob) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, _Item(job, future))
+        return future
+
+    def score(self, jobs: list[ScoringJob]) -> list[ScoredSample]:
+        futures = [self.submit(job) for job in jobs]
+        return [f.result() for f in futures]
+
+    def take_metrics(self) -> dict[str, float]:
+        """judge/* since the last call (one training step)."""
+        with self._lock:
+            c, self._step = self._step, _Counters()
+            total = self.total_usd
+        return {
+            "judge/stories": c.stories,
+            "judge/failed": c.failed,
+            "judge/requests": c.requests,
+            "judge/retries": c.retries,
+            "judge/cache_hits": c.cache_hits,
+            "judge/cache_hit_rate": c.cache_hits / c.stories if c.stories else 0.0,
+            "judge/input_tokens": c.input_tokens,
+            "judge/output_tokens": c.output_tokens,
+            "judge/spend_usd": c.usd,
+            "judge/spend_usd_total": total,
+            "judge/latency_p50_s": _quantile(c.latencies, 0.5),
+            "judge/latency_p99_s": _quantile(c.latencies, 0.99),
+            "judge/lease_wait_mean_s": statistics.fmean(c.waits) if c.waits else 0.0,
+        }
+
+    def close(self) -> None:
+        """Stop dispatching; stories still unanswered fail with JudgeError. Idempotent."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._cancel_all(), self._loop).result(timeout=30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+            if self.cache is not None:
+                self.cache.close()
+
+    async def _cancel_all(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while not self._queue.empty():
+            self._queue.get_nowait().future.set_exception(JudgeError("the reward pool was closed"))
+
+    # --- the loop ---
+    async def _dispatch_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = self._loop.time() + self.batch_wait_s
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), deadline - self._loop.time()))
+                except asyncio.TimeoutError:
+                    break
+            for item in batch:
+                self._look_up(item)
+            worker = min(range(len(self.workers)), key=self._outstanding.__getitem__)
+            self._loop.create_task(self._run_batch(worker, batch))
+
+    def _look_up(self, item: _Item) -> None:
+        if self.cache is None or item.key is not None:
+            return
+        item.key = cache_key(self.cache_params, *item.job.judged_texts())
+        cached = self.cache.get(item.key)
+        if cached is not None:
+            item.job = dataclasses.replace(item.job, cached=cached)
+
+    async def _run_batch(self, worker: int, batch: list[_Item]) -> None:
+        pending = dict(enumerate(batch))
+        self._outstanding[worker] += len(batch)
+        self.batches_sent += 1
+        try:
+            stream = self.workers[worker].score_stream.options(num_returns="streaming").remote(
+                [item.job for item in batch])
+            async for ref in stream:
+                index, sample = await ref
+                self._finish(pending.pop(index), sample)
+            if pending:
+                raise RuntimeError(f"the stream ended with {len(pending)} stories unanswered")
+        except asyncio.CancelledError:
+            for item in pending.values():
+                item.future.set_exception(JudgeError("the reward pool was closed"))
+            raise
+        except Exception as e:  # noqa: BLE001 -- a worker died or failed: its unanswered stories go again
+            for item in pending.values():
+                if item.resubmits < self.max_resubmits:
+                    item.resubmits += 1
+                    self._queue.put_nowait(item)
+                else:
+                    item.future.set_exception(JudgeError(
+                        f"reward worker failed on {item.job.key} {item.resubmits + 1} times: {type(e).__name__}: {e}"))
+        finally:
+            self._outstanding[worker] -= len(batch)
+
+    def _finish(self, item: _Item, sample: ScoredSample) -> None:
+        if self.cache is not None and sample.judgment is not None and not sample.cached:
+            self.cache.put(item.key, sample.judgment, sample.input_tokens, sample.output_tokens)
+        usd = dollars(sample.input_tokens, sample.output_tokens, self.prices, flex=self.flex)
+        with self._lock:
+            c = self._step
+            c.stories += 1
+            c.failed += not sample.valid
+            c.cache_hits += sample.cached
+            c.requests += sample.judge_attempts
+            c.retries += max(0, sample.judge_attempts - 1)
+            c.input_tokens += sample.input_tokens
+            c.output_tokens += sample.output_tokens
+            c.usd += usd
+            self.total_usd += usd
+            if not sample.cached:
+                c.latencies.append(sample.latency_s)
+                c.waits.append(sample.wait_s)
+        item.future.set_result(sample)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -1,0 +1,323 @@
+"""The loopback judge server as a test double of the judge services: both APIs, the RPM window,
+latency, injected faults and statistics, over plain HTTP (urllib)."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from reward import rubric
+from reward.judge_server import Faults, LocalJudgeServer
+
+SECRET = "sk-planted-SECRET-0815"
+PROMPT = "Write about a ferryman who refuses one passenger."
+STORY = """Old Anselm had rowed the river for forty years, and he had refused exactly one \
+passenger: his own son, the night the boy came down to the landing with blood on his cuffs.
+
+"Take me across," Teo said. "Please. Before they come."
+
+Anselm looked at the far bank, where the lamps of the border post swung in the wind, and then at \
+his son's hands. He did not ask. He had never been a man who asked.
+
+"The river is high," he said. "Wait until morning."
+
+By morning the soldiers had come and gone, and Teo was asleep in the hayloft, and the river had \
+dropped a foot. Anselm rowed him across at dawn, slowly, the oars barely whispering, and neither \
+of them spoke until the keel scraped gravel.
+
+"Why did you make me wait?" Teo asked.
+
+"Because at night," Anselm said, "you would have asked me to row faster.\""""
+
+
+def gemini_body(req: rubric.JudgeRequest, schema: dict | None = None) -> dict:
+    config = {"temperature": 0.2}
+    if schema is not None:
+        config["responseJsonSchema"] = schema
+    return {"contents": [{"role": "user", "parts": [{"text": req.user_text}]}],
+            "systemInstruction": {"parts": [{"text": req.system_instruction}]},
+            "generationConfig": config}
+
+
+def openai_body(req: rubric.JudgeRequest, schema: dict | None = None, **extra) -> dict:
+    body = {"model": "gpt-test", "temperature": 0.2, "seed": 42,
+            "messages": [{"role": "system", "content": req.system_instruction},
+                         {"role": "user", "content": req.user_text}], **extra}
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "story_judgment", "schema": schema, "strict": True}}
+    return body
+
+
+GEMINI_PATH = "/v1beta/models/gemini-test:generateContent"
+OPENAI_PATH = "/v1/chat/completions"
+
+
+def post(srv, path, body, headers=None, timeout=5.0):
+    """(status, headers, parsed JSON body) of one POST; non-2xx answers too."""
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(srv.base_url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, resp.headers, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def gemini_text(answer: dict) -> str:
+    return answer["candidates"][0]["content"]["parts"][0]["text"]
+
+
+def openai_text(answer: dict) -> str:
+    return answer["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LocalJudgeServer() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def judge_request():
+    return rubric.build_judge_request(PROMPT, STORY)
+
+
+def test_listens_on_127_0_0_1_only(server):
+    assert server.base_url == f"http://127.0.0.1:{server.port}"
+    # another loopback address reaches this host, but nothing listens there
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", server.port), timeout=2).close()
+
+
+@pytest.mark.parametrize("path", [
+    "/v1beta/models/m:generateContent",
+    "/v1/publishers/google/models/m:generateContent",
+    "/v1beta1/projects/p/locations/us-central1/publishers/google/models/m:generateContent",
+])
+def test_gemini_routes_answer_a_valid_judgment(server, judge_request, path):
+    status, _, answer = post(server, path, gemini_body(judge_request, rubric.response_json_schema()))
+    assert status == 200
+    judgment = rubric.parse_judgment(gemini_text(answer))
+    assert judgment.positive > 0
+
+
+def test_openai_route_answers_the_gemini_scores_with_usage(server, judge_request):
+    schema = rubric.response_json_schema()
+    _, _, gemini = post(server, GEMINI_PATH, gemini_body(judge_request, schema))
+    status, _, answer = post(server, OPENAI_PATH, openai_body(judge_request, schema))
+    assert status == 200
+    assert answer["object"] == "chat.completion" and answer["model"] == "gpt-test"
+    choice = answer["choices"][0]
+    assert choice["index"] == 0 and choice["finish_reason"] == "stop"
+    assert choice["message"]["role"] == "assistant"
+    judgment = rubric.parse_judgment(openai_text(answer))
+    assert judgment.scores == rubric.parse_judgment(gemini_text(gemini)).scores
+    usage = answer["usage"]
+    visible = len(openai_text(answer)) // 4 + 1
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == visible
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_openai_reasoning_tokens_count_as_completion_tokens(server, judge_request):
+    body = openai_body(judge_request, rubric.response_json_schema(), reasoning_effort="medium")
+    _, _, answer = post(server, "/chat/completions", body)
+    usage, visible = answer["usage"], len(openai_text(answer)) // 4 + 1
+    reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+    assert reasoning > 0 and usage["completion_tokens"] == visible + reasoning
+
+
+def test_without_schema_both_apis_answer_ok(server, judge_request):
+    assert gemini_text(post(server, GEMINI_PATH, gemini_body(judge_request))[2]) == "OK"
+    assert openai_text(post(server, OPENAI_PATH, openai_body(judge_request))[2]) == "OK"
+
+
+def test_key_headers_are_never_recorded(server, judge_request):
+    before = len(server.requests)
+    keys = {"Authorization": f"Bearer {SECRET}", "x-goog-api-key": SECRET, "X-Trace": "t-1"}
+    post(server, OPENAI_PATH, openai_body(judge_request), headers=keys)
+    post(server, GEMINI_PATH, gemini_body(judge_request), headers=keys)
+    recorded = server.requests[before:]
+    assert [r["path"] for r in recorded] == [OPENAI_PATH, GEMINI_PATH]
+    assert all(r["headers"].get("X-Trace") == "t-1" for r in recorded)
+    assert SECRET not in json.dumps(recorded)
+
+
+def test_body_that_is_not_json_gets_400(server):
+    request = urllib.request.Request(server.base_url + OPENAI_PATH, data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=5)
+    assert e.value.code == 400
+    assert json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_rpm_window_rejects_then_readmits(judge_request):
+    with LocalJudgeServer(rpm_limit=5, window_s=2.0) as srv:
+        first = time.monotonic()
+        for _ in range(5):
+            assert post(srv, GEMINI_PATH, gemini_body(judge_request))[0] == 200
+        status, headers, answer = post(srv, OPENAI_PATH, openai_body(judge_request))
+        assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(headers["Retry-After"]) <= 2
+        status, _, answer = post(srv, GEMINI_PATH, gemini_body(judge_request))
+        assert status == 429 and answer["error"]["status"] == "RESOURCE_EXHAUSTED"
+        stats = srv.stats()
+        assert (stats["arrivals"], stats["accepted"], stats["violations"]) == (7, 5, 2)
+        assert stats["accepted_last_window"] == 5 and stats["answered"]["ok"] == 5
+
+        time.sleep(max(0.0, first + 2.05 - time.monotonic()))
+        assert post(srv, OPENAI_PATH, openai_body(judge_request))[0] == 200
+        stats = srv.stats()
+        assert (stats["arrivals"], stats["accepted"], stats["violations"]) == (8, 6, 2)
+        assert stats["accepted_last_window"] == 1
+        assert srv.accepted_since(1.0) == 1 and srv.accepted_since(60.0) == 6
+
+
+def test_rpm_rejections_skip_latency_and_faults(judge_request):
+    with LocalJudgeServer(faults=Faults(script=["503"]), rpm_limit=1, latency_s=(0.3, 0.3)) as srv:
+        assert post(srv, GEMINI_PATH, gemini_body(judge_request))[0] == 503  # consumed quota
+        start = time.monotonic()
+        assert post(srv, GEMINI_PATH, gemini_body(judge_request))[0] == 429
+        assert time.monotonic() - start < 0.2
+        assert srv.stats()["answered"]["503"] == 1
+
+
+def test_latency_draws_lie_in_range(judge_request):
+    with LocalJudgeServer(latency_s=(0.2, 0.4)) as srv:
+        def timed(_):
+            start = time.monotonic()
+            assert post(srv, OPENAI_PATH, openai_body(judge_request))[0] == 200
+            return time.monotonic() - start
+        with ThreadPoolExecutor(4) as pool:
+            elapsed = list(pool.map(timed, range(4)))
+        stats = srv.stats()
+    assert all(0.2 <= t < 0.6 for t in elapsed), elapsed
+    assert 0.2 <= stats["latency_p50_s"] <= stats["latency_p99_s"] < 0.45
+    assert stats["answered"]["ok"] == 4 and stats["max_in_flight"] >= 2
+
+
+def test_scripted_faults_give_their_answers(judge_request):
+    faults = Faults(script=["429", "503", "slow", "truncated", "schema", "schema", "ok"],
+                    retry_after_s=7, slow_s=0.3)
+    body = gemini_body(judge_request, rubric.response_json_schema())
+    with LocalJudgeServer(faults=faults) as srv:
+        status, headers, answer = post(srv, GEMINI_PATH, body)
+        assert status == 429 and headers["Retry-After"] == "7"
+        assert answer["error"]["status"] == "RESOURCE_EXHAUSTED"
+        status, _, answer = post(srv, GEMINI_PATH, body)
+        assert status == 503 and answer["error"]["status"] == "UNAVAILABLE"
+
+        start = time.monotonic()
+        status, _, answer = post(srv, GEMINI_PATH, body)
+        assert status == 200 and time.monotonic() - start >= 0.3
+        rubric.parse_judgment(gemini_text(answer))
+
+        truncated = gemini_text(post(srv, GEMINI_PATH, body)[2])
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(truncated)
+
+        missing = json.loads(gemini_text(post(srv, GEMINI_PATH, body)[2]))
+        as_word = json.loads(gemini_text(post(srv, GEMINI_PATH, body)[2]))
+        assert len(missing) == len(rubric.DIMENSIONS) - 1
+        assert "high" in [d["score"] for d in as_word.values()]
+        for text in (truncated, json.dumps(missing), json.dumps(as_word)):
+            with pytest.raises(rubric.JudgeOutputError):
+                rubric.parse_judgment(text)
+
+        rubric.parse_judgment(gemini_text(post(srv, GEMINI_PATH, body)[2]))
+        assert srv.stats()["answered"] == {"ok": 1, "429": 1, "503": 1, "slow": 1, "hang": 0,
+                                           "truncated": 1, "schema": 2}
+
+
+def test_openai_fault_answers_use_openai_errors(judge_request):
+    with LocalJudgeServer(faults=Faults(script=["429", "503"], retry_after_s=7)) as srv:
+        status, headers, answer = post(srv, OPENAI_PATH, openai_body(judge_request))
+        assert status == 429 and headers["Retry-After"] == "7"
+        assert set(answer["error"]) >= {"message", "type", "code"}
+        status, _, answer = post(srv, OPENAI_PATH, openai_body(judge_request))
+        assert status == 503 and answer["error"]["type"] == "server_error"
+
+
+def test_hang_outlasts_the_client_timeout(judge_request):
+    with LocalJudgeServer(faults=Faults(script=["hang"], hang_s=5.0)) as srv:
+        with pytest.raises((TimeoutError, urllib.error.URLError)):
+            post(srv, GEMINI_PATH, gemini_body(judge_request), timeout=0.3)
+        assert post(srv, GEMINI_PATH, gemini_body(judge_request))[0] == 200
+        deadline = time.monotonic() + 2
+        while srv.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = srv.stats()
+    assert stats["in_flight"] == 0 and stats["dropped"] == 1  # the client gave up on it
+    assert stats["answered"]["hang"] == 0 and stats["answered"]["ok"] == 1
+
+
+def test_stop_returns_quickly_with_a_hung_request(judge_request):
+    srv = LocalJudgeServer(faults=Faults(script=["hang"]))  # hang_s defaults to an hour
+    srv.start()
+    client_errors = []
+
+    def wait_for_answer():
+        try:
+            post(srv, GEMINI_PATH, gemini_body(judge_request), timeout=30)
+        except (OSError, http.client.HTTPException) as e:
+            client_errors.append(e)
+
+    client = threading.Thread(target=wait_for_answer)
+    client.start()
+    while srv.stats()["in_flight"] == 0:
+        time.sleep(0.01)
+    start = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - start < 2.0
+    client.join(timeout=5)
+    assert not client.is_alive() and client_errors  # the connection closed under it
+
+
+def test_mixed_faults_spread_over_five_kinds():
+    faults = Faults.mixed(0.3, seed=3, hang_s=0.0)
+    with LocalJudgeServer(faults=faults) as srv, ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: post(srv, OPENAI_PATH, {"messages": []}), range(200)))
+        answered = srv.stats()["answered"]
+    assert sum(answered.values()) == 200
+    assert 40 <= 200 - answered["ok"] <= 80
+    assert answered["slow"] == 0
+    assert all(5 <= answered[kind] <= 25 for kind in ("429", "503", "hang", "truncated", "schema"))
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"p_429": 1.5}, "p_429"),
+    ({"p_hang": -0.1}, "p_hang"),
+    ({"p_schema": float("nan")}, "p_schema"),
+    ({"p_503": 0.6, "p_truncated": 0.6}, "exceeds 1"),
+    ({"script": ["malformed"]}, "script"),
+])
+def test_fault_rates_are_validated(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        Faults(**kwargs)
+
+
+def test_mixed_rates_are_validated():
+    assert Faults.mixed(0.5).p_hang == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="exceeds 1"):
+        Faults.mixed(1.5)
+
+
+def test_stats_endpoint_matches_stats(judge_request):
+    with LocalJudgeServer(latency_s=(0.01, 0.02)) as srv:
+        for _ in range(3):
+            post(srv, GEMINI_PATH, gemini_body(judge_request))
+        with urllib.request.urlopen(srv.base_url + "/stats", timeout=5) as resp:
+            served = json.loads(resp.read())
+        assert served == srv.stats()
+        assert served["arrivals"] == 3 and len(srv.requests) == 3  # /stats is not an arrival
+    assert set(served) >= {"arrivals", "accepted", "violations", "answered", "in_flight",
+                           "max_in_flight", "accepted_last_window", "latency_p50_s",
+                           "latency_p99_s"}
