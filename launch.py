@@ -29,6 +29,9 @@ def check_inputs(cfg: Config):
     if cfg.trainer.device == "cuda":
         import torch
 
+        from learner.memory_plan import startup_plan
+
+        print(startup_plan(cfg))  # refuses a plan that cannot fit, with the numbers
         if not torch.cuda.is_available():
             raise EnvironmentSetupError("trainer.device=cuda but no GPU is visible; use conf=tiny or trainer.device=cpu")
     print(f"checked: config, {len(train)} training prompts ({cfg.data.train_path}), "

@@ -10,6 +10,7 @@ from pathlib import Path
 from actors.data import PromptRecord, PromptSampler
 from actors.engine import SamplingParams
 from actors.groups import GroupRow, assemble_batch
+from actors.pipeline import InFlightStep, ReferenceRow, stream_rollouts
 from actors.tracking import Tracker
 from cluster.roles import Roles
 from conf.schema import Config
@@ -73,18 +74,43 @@ class Coordinator:
         self.output_dir = output_dir
         s = cfg.rollout.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens)
+        self.stop_reason: str | None = None
+        self._last_step_usd = 0.0
 
     def run(self, start_step: int = 0) -> str | None:
-        """Train to trainer.total_steps; returns why it stopped early (the judge budget), or None."""
-        last_step_usd = 0.0
-        for step in range(start_step, self.cfg.trainer.total_steps):
-            reason = budget_stop_reason(self.roles.reward_pool.total_usd, last_step_usd, self.cfg.judge.budget_usd)
-            if reason:
-                return f"{reason}; stopped before step {step}"
-            metrics = self.train_step(step)
-            last_step_usd = metrics["judge/spend_usd"]
+        """Train to trainer.total_steps; returns why it stopped early (the judge budget), or None.
+
+        On-policy (max_staleness 0): launch step k, train it, sync, then launch step k+1.
+        max_staleness 1: step k+1 is launched as soon as step k's generation is done, before
+        step k trains; the weight sync waits until step k+1's generation is done too (engines
+        are never updated mid-generation), so step k+1's rows are exactly one update old.
+        On GPUs step k trains while step k+1 generates; on CPU (shared cores) after it."""
+        total, overlap = self.cfg.trainer.total_steps, self.cfg.rollout.max_staleness > 0
+        upcoming = self.launch(start_step) if start_step < total else None
+        iteration_start = time.perf_counter()
+        while upcoming is not None:
+            current = upcoming
+            current.wait_generated()
+            upcoming = self.launch(current.step + 1) if overlap and current.step + 1 < total else None
+            if upcoming is not None and self.cfg.trainer.device == "cpu":
+                # one set of cores for every role: training while the engines generate only
+                # thrashes them (measured: generation 3.6 s -> 13.8 s), so on CPU the overlap is
+                # step k's judging with step k+1's generation, and step k+1's judging with training
+                upcoming.wait_generated()
+            metrics = self.train_step(current)
+            if upcoming is not None:
+                upcoming.wait_generated()
+            t_sync = time.perf_counter()
+            if metrics["groups/rows_trained"]:
+                self.roles.sync_weights()
+            end = time.perf_counter()
+            metrics.update(self.phase_times(current, metrics, iteration_start, t_sync, end))
+            self._last_step_usd = metrics["judge/spend_usd"]
             self.tracker.log_step(metrics)
-        return None
+            iteration_start = end
+            if not overlap and current.step + 1 < total:
+                upcoming = self.launch(current.step + 1)
+        return self.stop_reason
 
     def reference_weight(self, step: int) -> float:
         h = self.cfg.algorithm.hri
@@ -93,47 +119,59 @@ class Coordinator:
         return reference_weight(step, peak=h.peak_weight, warmup_steps=h.warmup_steps, decay_steps=h.decay_steps,
                                 final_weight=h.final_weight)
 
-    def train_step(self, step: int) -> dict:
-        cfg, t0 = self.cfg, time.perf_counter()
+    def launch(self, step: int) -> InFlightStep | None:
+        """Take the step's prompts and start its rollouts streaming into the judge; None when the
+        judge budget would not cover another step."""
+        self.stop_reason = budget_stop_reason(self.roles.reward_pool.total_usd, self._last_step_usd,
+                                              self.cfg.judge.budget_usd)
+        if self.stop_reason:
+            self.stop_reason += f"; stopped before step {step}"
+            return None
+        cfg = self.cfg
         prompts = self.sampler.next_batch()
         ref_weight = self.reference_weight(step)
         n_policy = cfg.rollout.n - 1 if ref_weight > 0 else cfg.rollout.n
         prompt_ids = {p.uid: self.codec.prompt_ids(p) for p in prompts}
         requests = [(p.uid, i, prompt_ids[p.uid], sample_seed(cfg.trainer.seed, step, p.uid, i))
                     for p in prompts for i in range(n_policy)]
-        samples = self.roles.generate(requests, self.sampling)
-        t_gen = time.perf_counter()
-
-        # policy rows, then (HRI) one reference row per prompt: all judged by the same reward
+        inflight = InFlightStep(step, prompts, prompt_ids, ref_weight)
         by_uid = {p.uid: p for p in prompts}
-        responses = [self.codec.response(s.response_ids, s.finish_reason) for s in samples]
-        references = [self.codec.reference(p) for p in prompts] if ref_weight > 0 else []
-        owners = [s.uid for s in samples] + [p.uid for p in prompts if references]
-        jobs = [ScoringJob(f"{uid}/{k}", by_uid[uid].prompt_text, tok.text, by_uid[uid].target_words, len(tok.ids),
-                           tok.story_start, tok.truncated)
-                for k, (uid, tok) in enumerate(zip(owners, responses + references))]
-        scored = self.roles.score(jobs)
-        t_judge = time.perf_counter()
 
-        group_rows = [GroupRow(s.uid, s.prompt_ids, tok.ids, sc, False, s.weight_version, s.logprobs)
-                      for s, tok, sc in zip(samples, responses, scored)]
-        group_rows += [GroupRow(p.uid, prompt_ids[p.uid], tok.ids, sc, True, None)
-                       for p, tok, sc in zip(prompts, references, scored[len(samples):])]
+        def job_for(uid: str, tok: Tokenized, key: str) -> ScoringJob:
+            p = by_uid[uid]
+            return ScoringJob(key, p.prompt_text, tok.text, p.target_words, len(tok.ids), tok.story_start,
+                              tok.truncated)
+        references = [ReferenceRow(p, self.codec.reference(p), None) for p in prompts] if ref_weight > 0 else []
+        streams = self.roles.start_generation(requests, self.sampling, cfg.rollout.stream_chunk)
+        stream_rollouts(inflight, streams, self.codec, self.roles.reward_pool.submit, references=references,
+                        job_for=job_for)
+        return inflight
+
+    def train_step(self, inflight: InFlightStep) -> dict:
+        """Wait for the step's last judgment, assemble the groups, take the optimizer step."""
+        cfg, step = self.cfg, inflight.step
+        t_scored = inflight.wait_scored()
+        order = {p.uid: k for k, p in enumerate(inflight.prompts)}  # arrival order must not matter
+        policy = sorted(inflight.policy, key=lambda r: (order[r.sample.uid], r.sample.sample_index))
+        references = sorted(inflight.references, key=lambda r: order[r.prompt.uid])
+        scored = [r.scored.result() for r in policy]
+        ref_scored = [r.scored.result() for r in references]
+        group_rows = [GroupRow(r.sample.uid, r.sample.prompt_ids, r.tokens.ids, sc, False, r.sample.weight_version,
+                               r.sample.logprobs) for r, sc in zip(policy, scored)]
+        group_rows += [GroupRow(r.prompt.uid, inflight.prompt_ids[r.prompt.uid], r.tokens.ids, sc, True, None)
+                       for r, sc in zip(references, ref_scored)]
         assembled = assemble_batch(group_rows, step=step, current_version=self.roles.weight_version,
-                                   max_staleness=cfg.rollout.max_staleness, reference_weight=ref_weight,
+                                   max_staleness=cfg.rollout.max_staleness, reference_weight=inflight.reference_weight,
                                    eps=cfg.algorithm.adv_eps)
-        train_metrics = self.roles.train(assembled.batch) if assembled.batch.rows else {}
         t_train = time.perf_counter()
-        rollout_version = self.roles.weight_version
-        if assembled.batch.rows:
-            self.roles.sync_weights()
-        t_sync = time.perf_counter()
+        train_metrics = self.roles.train(assembled.batch) if assembled.batch.rows else {}
+        train_s = time.perf_counter() - t_train
 
-        policy = list(zip(responses, scored))
-        valid = [sc.reward for _, sc in policy if sc.valid]
+        valid = [sc.reward for sc in scored if sc.valid]
         rewards = assembled.policy_rewards
         ratios = [r.length_ratio for r in valid if r.length_ratio is not None]
-        generated = sum(len(tok.ids) for tok, _ in policy)
+        generated = sum(len(r.tokens.ids) for r in policy)
+        versions = [r.sample.weight_version for r in policy]
         return {
             "step": step,
             "reward/mean": statistics.fmean(rewards) if rewards else float("nan"),
@@ -146,22 +184,35 @@ class Coordinator:
             "length/ratio_mean": _mean(ratios),
             "length/words_mean": _mean(r.word_count for r in valid),
             "length/tokens_mean": generated / max(1, len(policy)),
-            "length/truncated_frac": _mean(float(tok.truncated) for tok, _ in policy),
+            "length/truncated_frac": _mean(float(r.tokens.truncated) for r in policy),
             **self.roles.judge_metrics(),
             "groups/dropped": assembled.groups_dropped,
             "groups/rows_trained": len(assembled.batch.rows),
             "rollout/stale_refused": assembled.stale_refused,
-            "hri/weight": ref_weight,
+            "rollout/policy_lag_max": max(self.roles.weight_version - v for v in versions) if versions else 0,
+            "hri/weight": inflight.reference_weight,
             "hri/ref_advantage_mean": _mean(assembled.reference_advantages),
-            "weight_version": rollout_version,
+            "weight_version": min(versions) if versions else self.roles.weight_version,
             **{f"train/{k}": v for k, v in train_metrics.items() if k != "logprob_diff"},
             "rollout/logprob_diff": train_metrics.get("logprob_diff", float("nan")),
-            "time/step": t_sync - t0,
-            "time/generate": t_gen - t0,
-            "time/judge": t_judge - t_gen,
-            "time/train": t_train - t_judge,
-            "time/sync": t_sync - t_train,
-            "throughput/gen_tokens_per_s": generated / max(t_gen - t0, 1e-9),
+            "time/generate": inflight.generate_s,
+            "time/judge_tail": max(0.0, t_scored - inflight.generated_at),
+            "time/train": train_s,
+            "throughput/gen_tokens_per_s": generated / max(inflight.generate_s, 1e-9),
+        }
+
+    @staticmethod
+    def phase_times(inflight: InFlightStep, metrics: dict, start: float, sync_start: float, end: float) -> dict:
+        """The step's wall time (end of the previous step to the end of this one's sync) and how
+        much of it each role sat idle. Engine busy time counts the generation that ran inside
+        this window (with max_staleness 1 that is mostly the next step's)."""
+        step_s, sync_s, train_s = end - start, end - sync_start, metrics["time/train"]
+        return {
+            "time/step": step_s,
+            "time/sync": sync_s,
+            "time/idle_learner": max(0.0, step_s - train_s - sync_s),
+            "time/idle_engines": max(0.0, step_s - min(step_s, inflight.generate_s) - sync_s),
+            "util/learner": train_s / step_s if step_s else 0.0,
         }
 
     def export(self, tokenizer_path: str) -> Path:

@@ -62,5 +62,6 @@ def assemble_batch(rows: list[GroupRow], *, step: int, current_version: int, max
                 continue
             if m.is_reference:
                 ref_advantages.append(a)
-            train_rows.append(TrainRow(m.prompt_ids, m.response_ids, a, m.is_reference, m.behaviour_logprobs))
+            lag = current_version - m.weight_version if m.weight_version is not None else 0
+            train_rows.append(TrainRow(m.prompt_ids, m.response_ids, a, m.is_reference, m.behaviour_logprobs, lag))
     return AssembledBatch(TrainBatch(tuple(train_rows), step), policy_rewards, dropped, stale, ref_advantages)

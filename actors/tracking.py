@@ -23,12 +23,7 @@ class Tracker:
                                 for k, v in metrics.items()}) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=metrics["step"])
-        self._bar.set_postfix_str(
-            f"reward {metrics['reward/mean']:+.3f} len {metrics['length/ratio_mean']:.2f} "
-            f"gen {metrics['time/generate']:.1f}s judge {metrics['time/judge']:.1f}s "
-            f"train {metrics['time/train']:.1f}s sync {metrics['time/sync']:.2f}s "
-            f"judge ${metrics.get('judge/spend_usd_total', 0.0):.3f}"
-        )
+        self._bar.write(step_summary(metrics))
         self._bar.update(1)
 
     def close(self) -> None:
@@ -46,3 +41,11 @@ def _start_wandb(output_dir: Path, project: str, config: dict):
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     return wandb.init(project=project, dir=str(output_dir), config=config, mode=mode,
                       settings=wandb.Settings(console="off", silent=True))
+
+
+def step_summary(m: dict) -> str:
+    """The console's one line per step."""
+    return (f"step {m['step']:>4} | reward {m['reward/mean']:+.3f} len {m['length/ratio_mean']:.2f} "
+            f"| gen {m['time/generate']:.1f}s judge-tail {m['time/judge_tail']:.1f}s train {m['time/train']:.1f}s "
+            f"sync {m['time/sync']:.2f}s = {m['time/step']:.1f}s | judge {m['judge/failed']} failed "
+            f"${m['judge/spend_usd_total']:.3f} | v{m['weight_version']}")

@@ -157,6 +157,14 @@ def validate(c: Config) -> None:
     _check(l.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
     _check(l.grad_clip > 0, "learner.grad_clip", "must be > 0")
     _check(l.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
+    _check(l.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch", "must be >= 0 (0 = by rows)")
+    _check(l.logprob_chunk_tokens >= 0, "learner.logprob_chunk_tokens", "must be >= 0 (0 = unchunked)")
+    _check(not l.offload_optimizer or l.zero_stage >= 1, "learner.offload_optimizer", "needs learner.zero_stage >= 1")
+    _check(not l.offload_params or l.zero_stage == 3, "learner.offload_params", "needs learner.zero_stage=3")
+    _check(c.rollout.stream_chunk >= 0, "rollout.stream_chunk", "must be >= 0 (0 = one engine call)")
+    _check(c.rollout.max_staleness <= 1, "rollout.max_staleness",
+           "must be 0 (on-policy) or 1 (generation of step k+1 overlaps training of step k)")
+    _check(a.tis_cap >= 1, "algorithm.tis_cap", "must be >= 1")
     r = c.reward
     _one_of(r.score_mode, "reward.score_mode", ("sum", "mean", "last"))
     _check(r.token_clip > 0, "reward.token_clip", "must be > 0")

@@ -13,6 +13,7 @@ class TrainerConfig:
     save_every: int = 5
     eval_every: int = 20
     device: str = "cuda"  # cpu | cuda
+    gpu_memory_gib: float = 80.0  # for the memory plan when no GPU is visible (the original run: A100 80GB)
     wandb_project: str = "polaris-rl"
     progress_bar: bool = True
 

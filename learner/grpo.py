@@ -161,12 +161,10 @@ def policy_loss(
 
     metrics: dict[str, float] = {"num_tokens": float(num_tokens)}
     if behaviour_logprobs is not None:
-        log_w = torch.where(policy_tok, old_logprobs - behaviour_logprobs, 0.0).detach()
-        raw_w = torch.exp(log_w)
-        tis = raw_w.clamp(max=tis_cap)
+        tis, capped = truncated_importance_weights(old_logprobs, behaviour_logprobs, policy_tok, tis_cap)
         policy_tok_loss = policy_tok_loss * tis
         metrics["tis_mean"] = _masked_mean(tis, policy_tok)
-        metrics["tis_clipped_fraction"] = _masked_mean((raw_w > tis_cap).float(), policy_tok)
+        metrics["tis_clipped_fraction"] = _masked_mean(capped.float(), policy_tok)
 
     tok_loss = torch.where(is_ref_tok, -adv * logprobs, policy_tok_loss)
     if ref_logprobs is not None and kl_coef > 0:
@@ -183,6 +181,17 @@ def policy_loss(
         metrics["ratio_mean"] = _masked_mean(ratio, policy_tok)
         metrics["ratio_max"] = float(ratio[policy_tok].max()) if policy_tok.any() else 0.0
     return loss, metrics
+
+
+def truncated_importance_weights(
+    old_logprobs: Tensor, behaviour_logprobs: Tensor, token_mask: Tensor, tis_cap: float
+) -> tuple[Tensor, Tensor]:
+    """min(exp(old_logp - behaviour_logp), tis_cap) on masked tokens, 1 elsewhere (detached), and
+    where the cap cut the weight. Equal old and behaviour logprobs give exactly 1."""
+    # Mask before exp: padding may hold any value.
+    log_w = torch.where(token_mask, old_logprobs - behaviour_logprobs, 0.0).detach()
+    raw = torch.exp(log_w)
+    return raw.clamp(max=tis_cap), raw > tis_cap
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> float:

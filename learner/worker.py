@@ -10,7 +10,9 @@ from typing import Iterator
 
 import torch
 
-from learner.grpo import policy_loss
+from learner.grpo import policy_loss, truncated_importance_weights
+from learner.logprobs import PolicyLogprobs, token_logprobs  # noqa: F401  (token_logprobs: re-exported)
+from learner.microbatch import pack_micro_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,6 +26,12 @@ class TrainRow:
     advantage: float
     is_reference: bool
     behaviour_logprobs: tuple[float, ...] | None = None  # the engine's, for policy rows
+    policy_lag: int = 0  # optimizer steps between the weights that sampled the row and the learner's
+
+    def __post_init__(self):
+        if self.behaviour_logprobs is not None and len(self.behaviour_logprobs) != len(self.response_ids):
+            raise ValueError(f"TrainRow: {len(self.behaviour_logprobs)} behaviour logprobs for "
+                             f"{len(self.response_ids)} response tokens")
 
 
 @dataclass(frozen=True)
@@ -55,28 +63,63 @@ class LearnerSettings:
     pad_token_id: int
     seed: int
     checkpoint_names: bool = False  # send vLLM's checkpoint-format names (cluster/names.py)
+    max_tokens_per_micro_batch: int = 0  # padded tokens per micro-batch; 0 = micro_batch_size rows
+    logprob_chunk_tokens: int = 0  # positions per logits chunk (learner/logprobs.py); 0 = unchunked
+    offload_optimizer: bool = False  # ZeRO optimizer state (fp32 master weights, Adam moments) in CPU memory
+    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
+    tis_cap: float = 2.0  # truncated importance weight cap for rows with policy_lag > 0
 
 
-def shard_rows(rows: tuple[TrainRow, ...], rank: int, world_size: int, micro_batch_size: int) -> list[list[TrainRow]]:
-    """This rank's micro-batches. Rows are sorted by length and dealt round robin so ranks get
-    similar token counts; every rank gets the same number of micro-batches (ZeRO reduces inside
-    each backward, so ranks must call it equally often); a rank short of rows gets empty ones."""
-    ordered = sorted(rows, key=lambda r: len(r.prompt_ids) + len(r.response_ids), reverse=True)
-    mine = ordered[rank::world_size]
-    per_rank = -(-len(ordered) // world_size)
-    num_micro = max(1, -(-per_rank // micro_batch_size))
-    return [mine[i * micro_batch_size:(i + 1) * micro_batch_size] for i in range(num_micro)]
+def deepspeed_config(s: LearnerSettings) -> dict:
+    """The DeepSpeed config for these settings."""
+    if s.offload_optimizer and s.zero_stage < 1:
+        raise ValueError("learner.offload_optimizer=true needs learner.zero_stage >= 1 (ZeRO owns the "
+                         f"optimizer state it offloads), got learner.zero_stage={s.zero_stage}")
+    if s.offload_params and s.zero_stage != 3:
+        raise ValueError("learner.offload_params=true needs learner.zero_stage=3 (only ZeRO-3 partitions "
+                         f"parameters), got learner.zero_stage={s.zero_stage}")
+    zero: dict = {"stage": s.zero_stage}
+    if s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if s.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,  # step() is the boundary: micro-batch count varies
+        "gradient_clipping": s.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": s.dtype == "bfloat16"},
+        "fp16": {"enabled": s.dtype == "float16"},
+        "zero_allow_untested_optimizer": True,
+        # Offload with our torch AdamW: DeepSpeed refuses a client optimizer there unless told so
+        # (its own CPU Adam compiles C++ on first use, ~80 s).
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
 
 
 def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """One step's training metrics from every rank's sums."""
-    total = {k: sum(m[k] for m in per_rank) for k in per_rank[0] if k not in ("ratio_max", "grad_norm")}
+    """One step's training metrics from every rank's sums.
+
+    tis_*: over the policy tokens of off-policy rows (policy_lag > 0 with behaviour logprobs);
+    with none, tis_ratio_mean = tis_ratio_max = 1.0 (the weight every on-policy token gets) and
+    tis_clipped_fraction = 0.0. engine_learner_kl: mean of (engine - learner) logprob over the
+    sampled tokens of rows with behaviour logprobs, the k1 estimate of KL(engine || learner).
+    """
+    maxima = ("ratio_max", "tis_weight_max", "grad_norm")
+    total = {k: sum(m[k] for m in per_rank) for k in per_rank[0] if k not in maxima}
+    off_policy = total["tis_tokens"] > 0
     return {
         "loss": total["loss"],
         "clip_fraction": total["clipped_tokens"] / max(1.0, total["policy_tokens"]),
         "ratio_max": max(m["ratio_max"] for m in per_rank),
         "grad_norm": per_rank[0]["grad_norm"],
         "logprob_diff": total["logprob_diff_sum"] / max(1.0, total["logprob_diff_tokens"]),
+        "engine_learner_kl": total["engine_kl_sum"] / max(1.0, total["logprob_diff_tokens"]),
+        "tis_ratio_mean": total["tis_weight_sum"] / total["tis_tokens"] if off_policy else 1.0,
+        "tis_ratio_max": max(m["tis_weight_max"] for m in per_rank) if off_policy else 1.0,
+        "tis_clipped_fraction": total["tis_clipped_tokens"] / max(1.0, total["tis_tokens"]),
     }
 
 
@@ -95,11 +138,20 @@ def pad_rows(rows: list[TrainRow], pad_token_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response_mask}
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t) for every position, [B, T-1]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    return logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+def behaviour_logprobs(rows: list[TrainRow], learner_logprobs: torch.Tensor,
+                       response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The behaviour policy's logprobs aligned to learner_logprobs [B, T-1], and which rows are
+    off-policy [B]. An off-policy row (a policy row with policy_lag > 0 and the engine's logprobs)
+    carries the engine's logprobs at its response positions; every other row carries the
+    learner's own (detached), so its importance weight is exactly 1."""
+    behaviour = learner_logprobs.detach().clone()
+    off_policy = torch.zeros(len(rows), dtype=torch.bool, device=behaviour.device)
+    for i, row in enumerate(rows):
+        if row.policy_lag > 0 and row.behaviour_logprobs is not None and not row.is_reference:
+            behaviour[i, response_mask[i]] = torch.tensor(row.behaviour_logprobs, dtype=behaviour.dtype,
+                                                          device=behaviour.device)
+            off_policy[i] = True
+    return behaviour, off_policy
 
 
 class LearnerWorker:
@@ -117,27 +169,26 @@ class LearnerWorker:
         self.device = torch.device(settings.device if settings.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        store = bound_tcp_store(master_addr, master_port, is_master=rank == 0, timeout_s=300)
-        torch.distributed.init_process_group("gloo" if settings.device == "cpu" else "nccl",
-                                             store=store, rank=rank, world_size=world_size)
+        if not torch.distributed.is_initialized():  # tests build several one-rank workers in one process
+            store = bound_tcp_store(master_addr, master_port, is_master=rank == 0, timeout_s=300)
+            torch.distributed.init_process_group("gloo" if settings.device == "cpu" else "nccl",
+                                                 store=store, rank=rank, world_size=world_size)
+        elif (torch.distributed.get_rank(), torch.distributed.get_world_size()) != (rank, world_size):
+            raise RuntimeError(f"LearnerWorker: this process's group is rank {torch.distributed.get_rank()} of "
+                               f"{torch.distributed.get_world_size()}, not {rank} of {world_size}")
         torch.manual_seed(settings.seed)
+        ds_config = deepspeed_config(settings)  # refuses a bad offload setting before any work
         model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=DTYPES[settings.dtype])
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
                                       weight_decay=settings.weight_decay)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": settings.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "managed_gradient_accumulation": False,  # step() is the boundary: micro-batch count varies
-            "gradient_clipping": settings.grad_clip,
-            "zero_optimization": {"stage": settings.zero_stage},
-            "bf16": {"enabled": settings.dtype == "bfloat16"},
-            "fp16": {"enabled": settings.dtype == "float16"},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        # The engine's forward returns token logprobs: DeepSpeed's per-forward bookkeeping and its
+        # backward prologue then cover the chunked logits too (calling the decoder around the
+        # engine would skip them, and ZeRO would mis-accumulate gradients).
+        policy = PolicyLogprobs(model, temperature=settings.temperature, chunk_tokens=settings.logprob_chunk_tokens)
+        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
+        self.policy = self.engine.module.causal_lm  # the Hugging Face model, parameters shared with the engine
         self.transport = None
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -146,58 +197,94 @@ class LearnerWorker:
         self.engine.train()
         total_tokens = batch.num_tokens
         sums = {"loss": 0.0, "policy_tokens": 0.0, "clipped_tokens": 0.0, "ratio_max": 0.0,
-                "logprob_diff_sum": 0.0, "logprob_diff_tokens": 0.0}
-        for micro in shard_rows(batch.rows, self.rank, self.world_size, self.s.micro_batch_size):
-            loss, metrics = self._micro_loss(micro, total_tokens)
+                "logprob_diff_sum": 0.0, "logprob_diff_tokens": 0.0, "engine_kl_sum": 0.0,
+                "tis_weight_sum": 0.0, "tis_weight_max": 0.0, "tis_clipped_tokens": 0.0, "tis_tokens": 0.0}
+        for indices, min_chunks in self._micro_batches(batch.rows):
+            loss, metrics = self._micro_loss([batch.rows[i] for i in indices], total_tokens, min_chunks)
             # DeepSpeed averages gradients over ranks; the loss is already a global token-mean.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             for key, value in metrics.items():
-                sums[key] = max(sums[key], value) if key == "ratio_max" else sums[key] + value
+                sums[key] = max(sums[key], value) if key.endswith("_max") else sums[key] + value
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # DeepSpeed reports it under ZeRO >= 1 only
         sums["grad_norm"] = float("nan") if norm is None else float(norm)
         return sums
 
-    def _micro_loss(self, rows: list[TrainRow], total_tokens: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(self, rows: list[TrainRow], total_tokens: int,
+                    min_chunks: int) -> tuple[torch.Tensor, dict[str, float]]:
         if not rows:  # keeps ranks in lockstep: a zero loss that still touches every parameter
             dummy = TrainRow((self.s.pad_token_id,), (self.s.pad_token_id,), 0.0, False)
-            loss, _ = self._micro_loss([dummy], total_tokens)
+            loss, _ = self._micro_loss([dummy], total_tokens, min_chunks)
             return loss * 0.0, {}
         tensors = {k: v.to(self.device) for k, v in pad_rows(rows, self.s.pad_token_id).items()}
-        logprobs = token_logprobs(self.engine, tensors["input_ids"], tensors["attention_mask"], self.s.temperature)
+        logprobs = self.engine(tensors["input_ids"], tensors["attention_mask"], min_chunks)
         mask = tensors["response_mask"]
         advantages = torch.tensor([r.advantage for r in rows], device=self.device)
         is_reference = torch.tensor([r.is_reference for r in rows], device=self.device)
-        # Fully on-policy, one optimizer step: the old policy is the current one (ratio 1).
-        loss, m = policy_loss(logprobs, logprobs.detach(), advantages, mask, is_reference,
-                              clip_low=self.s.clip_low, clip_high=self.s.clip_high, total_tokens=total_tokens)
+        # One optimizer step per batch: the old policy is the current one (PPO ratio 1). Rows
+        # sampled by older weights are corrected towards the engine that sampled them (TIS).
+        old = logprobs.detach()
+        behaviour, off_policy = behaviour_logprobs(rows, old, mask)
+        loss, m = policy_loss(logprobs, old, advantages, mask, is_reference,
+                              clip_low=self.s.clip_low, clip_high=self.s.clip_high, total_tokens=total_tokens,
+                              behaviour_logprobs=behaviour, tis_cap=self.s.tis_cap)
         policy_tokens = float((mask & ~is_reference[:, None]).sum())
         out = {"loss": loss.item(), "policy_tokens": policy_tokens, "ratio_max": m["ratio_max"],
                "clipped_tokens": m["clip_fraction"] * policy_tokens}
-        out.update(self._engine_gap(rows, logprobs.detach(), mask))
+        out.update(self._tis_sums(old, behaviour, mask & off_policy[:, None]))
+        out.update(self._engine_gap(rows, old, mask))
         return loss, out
+
+    def _tis_sums(self, old: torch.Tensor, behaviour: torch.Tensor, off_policy_tok: torch.Tensor) -> dict[str, float]:
+        weights, capped = truncated_importance_weights(old, behaviour, off_policy_tok, self.s.tis_cap)
+        tokens = int(off_policy_tok.sum())
+        return {"tis_weight_sum": float(weights[off_policy_tok].sum()),
+                "tis_weight_max": float(weights[off_policy_tok].max()) if tokens else 0.0,
+                "tis_clipped_tokens": float(capped[off_policy_tok].sum()), "tis_tokens": float(tokens)}
 
     @staticmethod
     def _engine_gap(rows: list[TrainRow], logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-        """Sum of |engine - learner| logprob over sampled tokens: on-policy it should be ~0."""
-        total, count = 0.0, 0
+        """Sums of |engine - learner| and of (engine - learner) logprob over sampled tokens:
+        on-policy both should be ~0."""
+        abs_total, total, count = 0.0, 0.0, 0
         for i, row in enumerate(rows):
             if row.behaviour_logprobs is None:
                 continue
-            learner = logprobs[i][mask[i]].cpu()
-            total += float((learner - torch.tensor(row.behaviour_logprobs)).abs().sum())
+            gap = torch.tensor(row.behaviour_logprobs) - logprobs[i][mask[i]].cpu()
+            abs_total += float(gap.abs().sum())
+            total += float(gap.sum())
             count += len(row.behaviour_logprobs)
-        return {"logprob_diff_sum": total, "logprob_diff_tokens": float(count)}
+        return {"logprob_diff_sum": abs_total, "engine_kl_sum": total, "logprob_diff_tokens": float(count)}
+
+    def _micro_batches(self, rows: tuple[TrainRow, ...]) -> list[tuple[list[int], int]]:
+        """This rank's micro-batches (row indices), each with the number of logits chunks the
+        widest of that micro-batch on any rank needs: every rank splits into as many (ZeRO-3
+        gathers the head's weight on each call, collectively)."""
+        lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rows]
+        per_rank = [pack_micro_batches(lengths, r, self.world_size, self.s.max_tokens_per_micro_batch,
+                                       self.s.micro_batch_size) for r in range(self.world_size)]
+        chunk = self.s.logprob_chunk_tokens
+        out = []
+        for k, indices in enumerate(per_rank[self.rank]):
+            # default: an empty micro-batch runs _micro_loss's 2-token stand-in row
+            widest = max([lengths[i] for micro in per_rank for i in micro[k]], default=2)
+            out.append((indices, -(-(widest - 1) // chunk) if chunk > 0 else 0))
+        return out
 
     @torch.no_grad()
     def compute_logprobs(self, rows: list[TrainRow]) -> list[list[float]]:
         """The learner's logprobs of each row's response tokens (parity checks, off-policy)."""
         self.engine.eval()
-        out = []
-        for row in rows:
-            tensors = {k: v.to(self.device) for k, v in pad_rows([row], self.s.pad_token_id).items()}
-            lp = token_logprobs(self.engine, tensors["input_ids"], tensors["attention_mask"], self.s.temperature)
-            out.append(lp[0][tensors["response_mask"][0]].tolist())
+        out: list[list[float]] = [[] for _ in rows]
+        lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rows]
+        for indices in pack_micro_batches(lengths, 0, 1, self.s.max_tokens_per_micro_batch, self.s.micro_batch_size):
+            if not indices:  # only when there are no rows at all
+                continue
+            micro = [rows[i] for i in indices]
+            tensors = {k: v.to(self.device) for k, v in pad_rows(micro, self.s.pad_token_id).items()}
+            lp = self.engine(tensors["input_ids"], tensors["attention_mask"])
+            for i, row_lp, row_mask in zip(indices, lp, tensors["response_mask"]):
+                out[i] = row_lp[row_mask].tolist()
         return out
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -208,7 +295,7 @@ class LearnerWorker:
 
         from cluster.names import checkpoint_name_mapper
 
-        module = self.engine.module
+        module = self.policy
         rename = checkpoint_name_mapper(module.config.model_type) if self.s.checkpoint_names else (lambda n: n)
         names = {name for name, _ in module.named_parameters()}
         for name, param in module.named_parameters():
@@ -246,7 +333,7 @@ class LearnerWorker:
 
         if self.rank == 0:
             Path(path).mkdir(parents=True, exist_ok=True)
-            self.engine.module.save_pretrained(path, safe_serialization=True)
+            self.policy.save_pretrained(path, safe_serialization=True)
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path
 

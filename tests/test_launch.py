@@ -14,8 +14,8 @@ SMOKE = ROOT.parent / "shared" / "data" / "polaris_smoke"
 
 
 def run_launch(args, tmp_path, env_extra=None, timeout=60):
-    env = {**os.environ, "POLARIS_CACHE": str(tmp_path / "cache"), **(env_extra or {})}
-    env.pop("GEMINI_API_KEY", None)
+    env = {k: v for k, v in os.environ.items() if k != "GEMINI_API_KEY"}
+    env.update({"POLARIS_CACHE": str(tmp_path / "cache"), **(env_extra or {})})
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -116,7 +116,7 @@ def test_two_training_steps_write_metrics_config_and_a_loadable_policy(engine, t
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:
         for key in ("reward/mean", "reward/std", "length/ratio_mean", "judge/failed", "weight_version",
-                    "time/step", "time/generate", "time/judge", "time/train", "time/sync"):
+                    "time/step", "time/generate", "time/judge_tail", "time/train", "time/sync"):
             assert r[key] is not None, key
         assert r["time/step"] >= r["time/generate"] + r["time/train"]
         assert r["rollout/logprob_diff"] < 1e-3  # engine and learner agree on the sampled tokens
@@ -131,6 +131,19 @@ def test_two_training_steps_write_metrics_config_and_a_loadable_policy(engine, t
     assert (out / "hf_model" / "model.safetensors").exists()
     assert model.config.vocab_size >= len(tokenizer)
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run files"
+
+
+def test_polaris_check_prints_the_memory_plan_and_refuses_one_that_cannot_fit(tmp_path):
+    data = [f"data.train_path={SMOKE / 'smoke_train.parquet'}", f"data.val_path={SMOKE / 'smoke_val.parquet'}"]
+    key = {"GEMINI_API_KEY": "not-a-real-key"}
+    proc, _ = run_launch(["conf=polaris", "mode=check", *data], tmp_path, key)
+    assert "memory plan" in proc.stdout and "learner rank" in proc.stdout and "rollout engine" in proc.stdout
+    assert proc.stdout.count(": fits") == 2
+    if proc.returncode:  # on a machine without the run's GPU, the device check comes after the plan
+        assert_one_error(proc.stderr, ["no GPU is visible"])
+    proc, _ = run_launch(["conf=polaris", "mode=check", "learner.offload_optimizer=false", *data], tmp_path, key)
+    assert proc.returncode == 2
+    assert_one_error(proc.stderr, ["memory plan does not fit", "learner rank", "83.09", "learner.offload_optimizer"])
 
 
 def test_checks_import_none_of_the_heavy_stack():
@@ -176,3 +189,23 @@ def test_a_faulty_judge_run_completes_and_its_repeat_pays_only_for_what_failed(t
     assert r["judge/cache_hit_rate"] == pytest.approx(r["judge/cache_hits"] / 48)
     if m["judge/failed"] == 0:
         assert r["judge/spend_usd"] == 0
+
+
+@pytest.mark.slow
+def test_one_step_off_policy_overlap_trains_rows_one_update_old(tmp_path, ray_address, tiny_model_path):
+    """max_staleness=1: step k+1 generates before step k's update, so from step 1 on every policy
+    row is one update old and the learner weighs it by the truncated importance ratio."""
+    env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent)}
+    out = tmp_path / "overlap"
+    proc = launch_run(["trainer.total_steps=3", "rollout.max_staleness=1", f"trainer.output_dir={out}"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["rollout/policy_lag_max"] for r in rows] == [0, 1, 1]
+    assert [r["weight_version"] for r in rows] == [0, 0, 1]  # sampled before the update it trains after
+    assert all(r["rollout/stale_refused"] == 0 for r in rows)
+    assert rows[0]["train/tis_ratio_max"] == 1.0 and rows[0]["train/tis_clipped_fraction"] == 0.0
+    assert all(r["train/tis_ratio_max"] != 1.0 for r in rows[1:])  # one update old: corrected
+    assert all(0 <= r["train/tis_clipped_fraction"] <= 1 for r in rows)
+    assert all(r["time/judge_tail"] >= 0 and r["time/step"] > 0 for r in rows)
+    assert "step    2 |" in proc.stdout  # the one-line step summary

@@ -54,3 +54,7 @@ def test_stale_rows_are_refused_and_counted():
     assert on_policy.stale_refused == 1 and len(on_policy.batch.rows) == 2
     one_behind = assemble_batch(rows, step=0, current_version=3, max_staleness=1, reference_weight=0.0, eps=1e-6)
     assert one_behind.stale_refused == 0 and len(one_behind.batch.rows) == 3
+    assert sorted(r.policy_lag for r in one_behind.batch.rows) == [0, 0, 1]  # the learner corrects lag-1 rows
+    two_behind = assemble_batch([*rows, row("a", 4.0, version=1)], step=0, current_version=3, max_staleness=1,
+                                reference_weight=0.0, eps=1e-6)
+    assert two_behind.stale_refused == 1 and max(r.policy_lag for r in two_behind.batch.rows) == 1

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from learner.grpo import group_advantages, policy_loss, reference_weight
+from learner.grpo import (
+    group_advantages,
+    policy_loss,
+    reference_weight,
+    truncated_importance_weights,
+)
 
 T, F = True, False
 
@@ -247,6 +252,14 @@ def test_truncated_importance_sampling_caps_the_weight():
     loss.backward()
     close(lp.grad, [[-2 / 3, -0.5 / 3, -1 / 3]])
     assert behaviour.grad is None  # the weight is a constant (detached)
+
+
+def test_equal_old_and_behaviour_logprobs_give_a_weight_of_exactly_one():
+    # padding (mask False) may hold anything, inf included: its weight is 1 and nothing is nan
+    old = torch.tensor([[-0.123456789, -7.5, float("-inf")]])
+    weights, capped = truncated_importance_weights(old, old.clone(), torch.tensor([[T, T, F]]), 2.0)
+    assert weights.tolist() == [[1.0, 1.0, 1.0]]
+    assert not capped.any()
 
 
 def test_tis_needs_a_cap():

@@ -1,24 +1,179 @@
 """The learner's optimizer step is one token-mean over the whole batch: the same gradient whether
-the rows go through one rank or two (ZeRO-3), in one micro-batch or many."""
+the rows go through one rank or two (ZeRO-3), in one micro-batch or many, with logits chunked or
+not, with the optimizer state offloaded or not. Rows sampled by older weights are corrected
+towards the engine that sampled them; on-policy rows get a weight of exactly 1."""
 import json
+import math
+import os
+import sys
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from actors.coordinator import ChatCodec
 from actors.data import PromptRecord
+from cluster.netutil import free_port
 from cluster.roles import start_roles
 from conf import load_config
-from learner.worker import TrainBatch, TrainRow, shard_rows
+from learner.grpo import truncated_importance_weights
+from learner.worker import (
+    LearnerSettings,
+    LearnerWorker,
+    TrainBatch,
+    TrainRow,
+    behaviour_logprobs,
+    combine_rank_metrics,
+    deepspeed_config,
+    pad_rows,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def test_rows_are_dealt_so_every_rank_runs_the_same_number_of_micro_batches():
-    rows = tuple(TrainRow((1,) * n, (2,), 0.0, False) for n in (5, 4, 3, 2, 1))
-    rank0, rank1 = shard_rows(rows, 0, 2, 2), shard_rows(rows, 1, 2, 2)
-    assert [[len(r.prompt_ids) for r in m] for m in rank0] == [[5, 3], [1]]
-    assert [[len(r.prompt_ids) for r in m] for m in rank1] == [[4, 2], []]
+def settings(model_path: str = "unused", **overrides) -> LearnerSettings:
+    base = {"model_path": model_path, "dtype": "float32", "device": "cpu", "zero_stage": 1, "lr": 1e-3,
+            "weight_decay": 0.0, "betas": (0.9, 0.999), "grad_clip": 1.0, "micro_batch_size": 2,
+            "gradient_checkpointing": False, "clip_low": 0.2, "clip_high": 0.28, "temperature": 0.8,
+            "pad_token_id": 0, "seed": 0}
+    return LearnerSettings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def build_worker(tiny_model_path):
+    """One-rank learners in this process. They share one gloo group (created by the first); it and
+    the environment LearnerWorker sets are undone when the module ends."""
+    saved_env = dict(os.environ)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed builds a C++ op on CPU; the venv's ninja (as the Ray roles use) keeps its build cached
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+    port = free_port()
+    yield lambda **overrides: LearnerWorker(settings(tiny_model_path, **overrides), 0, 1, "127.0.0.1", port)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved_env)
+
+
+def random_rows(response_lengths, advantages, seed=0) -> tuple[TrainRow, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(TrainRow(tuple(torch.randint(1, 1000, (5,), generator=g).tolist()),
+                          tuple(torch.randint(1, 1000, (n,), generator=g).tolist()), a, False)
+                 for n, a in zip(response_lengths, advantages))
+
+
+def with_engine_logprobs(row: TrainRow, logprobs, policy_lag: int) -> TrainRow:
+    return TrainRow(row.prompt_ids, row.response_ids, row.advantage, row.is_reference, tuple(logprobs), policy_lag)
+
+
+# --- configuration ---
+
+def test_offload_is_refused_where_the_zero_stage_cannot_do_it():
+    with pytest.raises(ValueError, match="learner.offload_optimizer"):
+        deepspeed_config(settings(zero_stage=0, offload_optimizer=True))
+    with pytest.raises(ValueError, match="learner.offload_params"):
+        deepspeed_config(settings(zero_stage=2, offload_params=True))
+    zero = deepspeed_config(settings(zero_stage=3, offload_optimizer=True, offload_params=True))["zero_optimization"]
+    assert zero == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+
+
+# --- off-policy correction ---
+
+def test_only_policy_rows_sampled_by_older_weights_carry_the_engine_logprobs():
+    prompt = (1, 2)
+    rows = [
+        TrainRow(prompt, (3, 4, 5), 1.0, False, (-1.0, -2.0, -3.0)),  # on-policy: lag 0
+        TrainRow(prompt, (3, 4), 1.0, False, (-5.0, -0.5), policy_lag=2),  # off-policy
+        TrainRow(prompt, (3, 4, 5), 1.0, True),  # the reference row: teacher forced
+        TrainRow(prompt, (3,), 1.0, False, policy_lag=1),  # no engine logprobs to correct with
+    ]
+    mask = pad_rows(rows, 0)["response_mask"]
+    learner = -torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) - 1.0
+    behaviour, off_policy = behaviour_logprobs(rows, learner, mask)
+
+    assert off_policy.tolist() == [False, True, False, False]
+    weights, capped = truncated_importance_weights(learner, behaviour, mask, 2.0)
+    on_policy = weights[[0, 2, 3]][mask[[0, 2, 3]]]
+    assert on_policy.mean().item() == 1.0 and on_policy.max().item() == 1.0  # exactly
+    lag_row = weights[1][mask[1]]
+    expected = [min(math.exp(learner[1, 1 + j].item() - b), 2.0) for j, b in enumerate((-5.0, -0.5))]
+    assert lag_row.tolist() == pytest.approx(expected, rel=1e-6)
+    assert capped[1][mask[1]].tolist() == [True, False]  # exp(-1.x + 5) > 2
+
+
+@pytest.fixture(scope="module")
+def frozen_worker(build_worker):
+    """lr 0: train_step computes the loss, metrics and gradient norm but keeps the weights."""
+    return build_worker(lr=0.0, logprob_chunk_tokens=16, max_tokens_per_micro_batch=128)
+
+
+def test_on_policy_rows_take_the_same_step_whatever_the_engine_reported(frozen_worker):
+    rows = random_rows([20, 12, 7], [1.0, -0.5, 0.25])
+    learner = frozen_worker.compute_logprobs(list(rows))
+    noisy = tuple(with_engine_logprobs(r, [x + 0.3 for x in lp], policy_lag=0) for r, lp in zip(rows, learner))
+
+    plain = frozen_worker.train_step(TrainBatch(rows, step=1))
+    reported = frozen_worker.train_step(TrainBatch(noisy, step=1))
+
+    assert (reported["loss"], reported["grad_norm"]) == (plain["loss"], plain["grad_norm"])  # bit for bit
+    metrics = combine_rank_metrics([reported])
+    assert (metrics["tis_ratio_mean"], metrics["tis_ratio_max"], metrics["tis_clipped_fraction"]) == (1.0, 1.0, 0.0)
+    assert metrics["engine_learner_kl"] == pytest.approx(0.3, abs=1e-5)
+    assert metrics["logprob_diff"] == pytest.approx(0.3, abs=1e-5)
+
+
+def test_off_policy_rows_are_weighted_by_the_truncated_importance_ratio(frozen_worker):
+    off_row, on_row = random_rows([20, 12], [1.0, 0.0], seed=1)
+    learner = frozen_worker.compute_logprobs([off_row, on_row])
+    # engine = learner + delta, so each token's weight is min(exp(-delta), 2): 2 (cut from e^2), e^-0.5, 1, e^-1
+    deltas = [-2.0, 0.5, 0.0, 1.0] * 5
+    batch = TrainBatch((with_engine_logprobs(off_row, [x + d for x, d in zip(learner[0], deltas)], policy_lag=1),
+                        with_engine_logprobs(on_row, [x + 0.3 for x in learner[1]], policy_lag=0)), step=1)
+
+    metrics = combine_rank_metrics([frozen_worker.train_step(batch)])
+
+    weights = [2.0, math.exp(-0.5), 1.0, math.exp(-1.0)]
+    # A = 1 on the off-policy row, 0 on the other; the PPO ratio is 1: the loss is -sum(w) / all tokens
+    assert metrics["loss"] == pytest.approx(-5 * sum(weights) / 32, rel=1e-5)
+    # over the 20 off-policy tokens only
+    assert metrics["tis_ratio_mean"] == pytest.approx(sum(weights) / 4, rel=1e-5)
+    assert metrics["tis_ratio_max"] == 2.0
+    assert metrics["tis_clipped_fraction"] == 0.25
+    # over all 32 sampled tokens: mean(engine - learner) and mean |engine - learner|
+    assert metrics["engine_learner_kl"] == pytest.approx((5 * -0.5 + 12 * 0.3) / 32, abs=1e-5)
+    assert metrics["logprob_diff"] == pytest.approx((5 * 3.5 + 12 * 0.3) / 32, abs=1e-5)
+
+
+# --- one step, however it is computed ---
+
+@pytest.fixture(scope="module")
+def reference_step(build_worker):
+    """ZeRO-2, full logits, two rows per micro-batch: the step the variants below must match."""
+    rows = random_rows([30, 21, 12, 7, 3], [1.0, -1.0, 0.5, -0.5, 0.2], seed=2)
+    worker = build_worker(zero_stage=2)
+    metrics = worker.train_step(TrainBatch(rows, step=1))
+    return rows, metrics, worker.compute_logprobs(list(rows))
+
+
+@pytest.mark.parametrize("variant", [
+    {"zero_stage": 1, "offload_optimizer": True},
+    {"zero_stage": 2, "offload_optimizer": True, "gradient_checkpointing": True},
+    {"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "gradient_checkpointing": True},
+], ids=["zero1-offload", "zero2-offload-ckpt", "zero3-offload-all-ckpt"])
+def test_chunked_logits_token_budgets_and_offload_take_the_same_step(build_worker, reference_step, variant):
+    rows, expected, expected_logprobs = reference_step
+    worker = build_worker(logprob_chunk_tokens=8, max_tokens_per_micro_batch=40, **variant)
+    optimizer = worker.engine.optimizer
+    assert getattr(optimizer, "cpu_offload", None) or getattr(optimizer, "offload_optimizer", None)
+    assert isinstance(worker.engine.basic_optimizer, torch.optim.AdamW)  # ours, not DeepSpeed's CPU Adam
+
+    metrics = worker.train_step(TrainBatch(rows, step=1))
+
+    assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    assert expected["grad_norm"] > 1.0  # the clip bit: the update depends on the norm too
+    for got, want in zip(worker.compute_logprobs(list(rows)), expected_logprobs):  # the same update
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 def batch_from_stories(tokenizer_path):
@@ -36,20 +191,28 @@ def batch_from_stories(tokenizer_path):
 
 
 def test_one_rank_and_two_ranks_take_the_same_step(ray_address, tiny_model_path, tmp_path):
-    codec, batch = batch_from_stories(tiny_model_path)
+    codec, batch = batch_from_stories(tiny_model_path)  # rows of 80 to 216 tokens
+    variants = {
+        "1 rank, one micro-batch": ["learner.world_size=1", "learner.zero_stage=1", "learner.micro_batch_size=16"],
+        "1 rank, a row per micro-batch": ["learner.world_size=1", "learner.zero_stage=1", "learner.micro_batch_size=1"],
+        "2 ranks, ZeRO-3": ["learner.world_size=2", "learner.zero_stage=3", "learner.micro_batch_size=2"],
+        # ranks' micro-batches differ in width (216 vs 201 tokens, an empty one vs 80): they must
+        # still call the ZeRO-3-gathered head equally often
+        "2 ranks, ZeRO-3, token budget, chunked logits": [
+            "learner.world_size=2", "learner.zero_stage=3", "learner.max_tokens_per_micro_batch=300",
+            "learner.logprob_chunk_tokens=16"],
+    }
     results = {}
-    for world, zero, micro in [(1, 1, 16), (1, 1, 1), (2, 3, 2)]:
-        cfg = load_config([f"learner.world_size={world}", f"learner.zero_stage={zero}",
-                           f"learner.micro_batch_size={micro}"])
-        roles = start_roles(cfg, model_path=tiny_model_path, stop_token_ids=codec.stop_ids,
+    for i, (name, overrides) in enumerate(variants.items()):
+        roles = start_roles(load_config(overrides), model_path=tiny_model_path, stop_token_ids=codec.stop_ids,
                             pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9",
-                            run_name=f"split-{world}-{zero}-{micro}", output_dir=str(tmp_path))
+                            run_name=f"split-{i}", output_dir=str(tmp_path))
         try:
-            results[(world, zero, micro)] = roles.train(batch)
+            results[name] = roles.train(batch)
         finally:
             roles.shutdown()
-    reference = results[(1, 1, 16)]
-    for key, metrics in results.items():
-        assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), key
-        assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-4, abs=1e-7), key
+    reference = results["1 rank, one micro-batch"]
+    for name, metrics in results.items():
+        assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), name
+        assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-4, abs=1e-7), name
     assert reference["grad_norm"] > 0

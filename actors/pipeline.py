@@ -1,0 +1,123 @@
+"""One step's rollouts on their way: generation streams out of the engines, and every chunk of
+finished samples goes to the reward pool the moment it arrives; the step is ready when its last
+story is judged. The HRI reference rows go with the first chunk (they need no generation).
+
+What overlaps what (DESIGN.md section 3): a story is judged while later chunks still generate;
+group statistics need the whole group and the token-mean needs the step's token count, so the
+learner starts when the step's last judgment is in. With rollout.max_staleness=1 the coordinator
+also launches step k+1 before training step k, so step k+1's generation and judging run while
+step k trains (its rows are then one update old and the learner corrects for that).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from actors.data import PromptRecord
+from actors.rollout_worker import Sample
+from reward.worker import ScoredSample
+
+
+@dataclass
+class PolicyRow:
+    sample: Sample
+    tokens: object  # actors.coordinator.Tokenized
+    scored: Future  # -> ScoredSample
+
+
+@dataclass
+class ReferenceRow:
+    prompt: PromptRecord
+    tokens: object
+    scored: Future
+
+
+@dataclass
+class InFlightStep:
+    step: int
+    prompts: list[PromptRecord]
+    prompt_ids: dict[str, tuple[int, ...]]
+    reference_weight: float
+    started: float = field(default_factory=time.perf_counter)
+    generated_at: float | None = None
+    last_scored_at: float = 0.0
+    policy: list[PolicyRow] = field(default_factory=list)
+    references: list[ReferenceRow] = field(default_factory=list)
+    _done: threading.Event = field(default_factory=threading.Event)
+    _error: BaseException | None = None
+
+    def wait_generated(self) -> None:
+        """Every engine has returned its samples (the engines are free for a weight update)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    def wait_scored(self) -> float:
+        """Waits for every judgment; returns when the last one arrived (which may be long before
+        this call, when the step waited for its turn at the learner)."""
+        self.wait_generated()
+        for row in [*self.policy, *self.references]:
+            row.scored.result()
+        return self.last_scored_at
+
+    def track(self, future: Future) -> Future:
+        def arrived(_: Future) -> None:
+            self.last_scored_at = max(self.last_scored_at, time.perf_counter())
+        future.add_done_callback(arrived)
+        return future
+
+    @property
+    def generate_s(self) -> float:
+        return (self.generated_at or time.perf_counter()) - self.started
+
+
+def stream_rollouts(step: InFlightStep, streams: list, codec, submit, *, references: list[ReferenceRow],
+                    job_for) -> None:
+    """Consume the engines' streams on background threads (one per engine): each chunk of samples
+    is tokenized and submitted for judging as it arrives. submit(job) -> Future[ScoredSample];
+    job_for(uid, tokens, key) -> ScoringJob."""
+    import ray
+
+    lock = threading.Lock()
+    pending = {"engines": len(streams), "references": references}
+
+    def add_chunk(samples: list[Sample]) -> None:
+        rows = []
+        for s in samples:
+            tokens = codec.response(s.response_ids, s.finish_reason)
+            rows.append(PolicyRow(s, tokens, step.track(submit(job_for(s.uid, tokens, f"{s.uid}/{s.sample_index}")))))
+        with lock:
+            step.policy.extend(rows)
+            first, pending["references"] = pending["references"], []
+        for ref in first:  # with the first chunk: in a serial step that is after generation
+            ref.scored = step.track(submit(job_for(ref.prompt.uid, ref.tokens, f"{ref.prompt.uid}/ref")))
+            with lock:
+                step.references.append(ref)
+
+    def consume(stream) -> None:
+        try:
+            for ref in stream:
+                add_chunk(ray.get(ref))
+        except BaseException as e:  # noqa: BLE001 -- handed to whoever waits on the step
+            step._error = e
+        finally:
+            with lock:
+                pending["engines"] -= 1
+                last = pending["engines"] == 0
+            if last:
+                step.generated_at = time.perf_counter()
+                step._done.set()
+
+    if not streams:
+        add_chunk([])
+        step.generated_at = time.perf_counter()
+        step._done.set()
+    for stream in streams:
+        threading.Thread(target=consume, args=(stream,), name=f"rollouts-{step.step}", daemon=True).start()
+
+
+def scored(rows) -> list[ScoredSample]:
+    return [row.scored.result() for row in rows]
+

@@ -1,0 +1,82 @@
+"""How much of the judge does the pipelined step hide? Trains conf=tiny twice in one invocation,
+with the loopback judge's latency set so that the judge phase of a serial step is about half of
+its generation phase (all of a step's stories in flight at once: judge.max_in_flight=64):
+
+  serial     rollout.max_staleness=0: generate, then judge, then train, then sync
+  pipelined  rollout.max_staleness=1: stories go to the judge as their engine returns them; step
+             k+1 generates while step k is judged, and is judged while step k trains (on CPU the
+             cores are shared, so step k trains after step k+1's generation, not during it)
+
+Both use rollout.stream_chunk=0 (one engine call per step): on the transformers engine on CPU a
+chunked call costs more generation time than it hides (measured here: generation 3.97 s per
+step in one call, 5.64 s in calls of 24, 7.3 s in calls of 12); add rollout.stream_chunk=N to
+measure that trade-off.
+
+    .venv/bin/python bench/pipeline.py [--steps 7] [--judge-latency 1.0 1.8] [extra key=value overrides]
+
+Seconds per step are medians over the steps after the first (start-up) and before the last (the
+pipeline drains there). j is the serial run's judge phase. On 2 CPU cores generation and
+training compete for the same cores, so the judge is what can be hidden here.
+Last line: pipeline: serial_s=<a> pipelined_s=<b> judge_s=<j> hidden=<(a-b)/j>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODES = {
+    "serial": ["rollout.stream_chunk=0", "rollout.max_staleness=0"],
+    "pipelined": ["rollout.stream_chunk=0", "rollout.max_staleness=1"],
+}
+PHASES = ("time/generate", "time/judge_tail", "time/train", "time/sync", "time/step")
+
+
+def run(mode: str, steps: int, latency: tuple[float, float], extra: list[str], out: Path) -> list[dict]:
+    args = [sys.executable, str(ROOT / "launch.py"), f"trainer.total_steps={steps}", f"trainer.output_dir={out}",
+            "trainer.progress_bar=false", "judge.cache=false", "judge.max_in_flight=64",
+            f"judge.local.latency_min_s={latency[0]}",
+            f"judge.local.latency_max_s={latency[1]}", *MODES[mode], *extra]
+    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def medians(rows: list[dict]) -> dict[str, float]:
+    middle = rows[1:-1] or rows
+    return {k: statistics.median(r[k] for r in middle) for k in PHASES}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--judge-latency", type=float, nargs=2, default=(1.0, 1.8), metavar=("LO", "HI"))
+    ap.add_argument("overrides", nargs="*", help="more key=value config overrides for both runs")
+    args = ap.parse_args()
+    if args.steps < 3:
+        ap.error("--steps must be >= 3 (the first and the last step are left out)")
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in MODES:
+            results[mode] = medians(run(mode, args.steps, tuple(args.judge_latency), args.overrides, Path(tmp) / mode))
+            print(f"{mode:>9}: " + "  ".join(f"{k.split('/')[1]} {v:.2f}s" for k, v in results[mode].items()),
+                  flush=True)
+    serial, pipelined = results["serial"]["time/step"], results["pipelined"]["time/step"]
+    judge = results["serial"]["time/judge_tail"]
+    print(f"serial judge phase / generation phase = {judge / results['serial']['time/generate']:.2f}")
+    print(f"pipeline: serial_s={serial:.2f} pipelined_s={pipelined:.2f} judge_s={judge:.2f} "
+          f"hidden={(serial - pipelined) / judge:.2f}")
+
+
+if __name__ == "__main__":
+    main()

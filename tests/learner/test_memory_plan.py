@@ -1,0 +1,155 @@
+"""The start-up memory plan against hand calculations (learner/memory_plan.py's docstring)."""
+
+import json
+
+import pytest
+
+from conf import ConfigError, EnvironmentSetupError, load_config
+from learner.memory_plan import (
+    GIB,
+    EngineSetup,
+    LearnerSetup,
+    check,
+    format_plan,
+    plan_from_config,
+    plan_memory,
+)
+from learner.model_shapes import ModelShape, model_config
+
+# Qwen3.5-9B text model, counted by hand from its config (learner/model_shapes.py):
+H, I, V, L = 4096, 12288, 248320, 32
+MLP_AND_NORMS = 3 * H * I + 2 * H  # SwiGLU gate/up/down + 2 RMSNorms
+FULL_LAYER = (H * 16 * 256 * 2  # q_proj with the output gate
+              + 2 * H * 4 * 256  # k_proj, v_proj
+              + 16 * 256 * H  # o_proj
+              + 2 * 256  # q_norm, k_norm
+              + MLP_AND_NORMS)
+CONV_DIM = 2 * 16 * 128 + 32 * 128  # q, k (16 key heads x 128) and v (32 value heads x 128)
+LINEAR_LAYER = (H * CONV_DIM + H * 32 * 128 + 2 * H * 32  # in_proj_qkv, in_proj_z, in_proj_b/a
+                + CONV_DIM * 4 + 2 * 32 + 128  # conv1d, dt_bias, A_log, norm
+                + 32 * 128 * H  # out_proj
+                + MLP_AND_NORMS)
+P = 2 * V * H + H + 8 * FULL_LAYER + 24 * LINEAR_LAYER  # untied embeddings + final norm + layers
+VISION = 456_010_480  # the vision tower vLLM also loads (transformers 5.19 on the meta device)
+
+
+def polaris_plan(*overrides, gpu_gib=80.0):
+    """conf=polaris without its optimizer offload (the hand calculations below start there)."""
+    cfg = load_config(["conf=polaris", "learner.offload_optimizer=false", *overrides])
+    return plan_from_config(cfg, model_config(cfg.model.path), gpu_gib)
+
+
+def test_qwen3_5_9b_shape_matches_the_hand_count():
+    shape = ModelShape.from_hf_config(model_config("Qwen/Qwen3.5-9B"))
+    assert (shape.full_layer_params, shape.linear_layer_params) == (FULL_LAYER, LINEAR_LAYER)
+    assert shape.params == P == 8_953_803_264  # = transformers' Qwen3_5ForCausalLM on the meta device
+    assert shape.full_attention_layers == 8 and shape.linear_layers == 24
+    assert shape.extra_engine_params == VISION
+
+
+def test_polaris_plan_equals_the_hand_calculation():
+    """conf=polaris: 2 learner ranks ZeRO-3 bf16, 2 vLLM engines of tp 1, 80 GiB GPUs."""
+    plan = polaris_plan()
+    world, tokens, chunk = 2, 16384, 1024  # max_tokens_per_micro_batch (> one 256 + 8192 row)
+    assert plan.learner.gpu == {
+        "weights": P * 2 // world,  # bf16, sharded under ZeRO-3
+        "gradients": P * 2 // world,
+        "optimizer states": P * (4 + 4 + 4) // world,  # fp32 m, v, master weights
+        "ZeRO-3 gathered module + grad": 2 * V * H * 2,  # the lm_head gathered, and its full gradient
+        "activations: layer checkpoints": L * tokens * H * 2,
+        "activations: one layer": tokens * (10 * H + 4 * I) * 2,
+        "logits chunk": chunk * V * 4 * 3,
+        "overhead": 3 * GIB,
+    }
+    assert plan.learner.cpu == {}
+    seqs, max_len = 6 * 8 // 2, 256 + 8192  # rollout.n x prompts per step over 2 engines
+    assert plan.engine.gpu == {
+        "weights": (P + VISION) * 2,
+        "KV cache (full-attention layers)": 8 * 2 * 4 * 256 * 2 * max_len * seqs,  # K and V, 4 kv heads
+        "linear-attention state": 24 * (32 * 128 * 128 * 4 + CONV_DIM * 3 * 2) * seqs,  # fp32 state + conv
+        "overhead": 3 * GIB,
+    }
+    assert plan.engine.budget == int(0.85 * 80 * GIB)
+    # the same in GiB: 8.34 + 8.34 + 50.03 + 3.79 + 4.00 + 2.75 + 2.84 + 3.00 = 83.09 > 80
+    assert plan.learner.gpu_total / GIB == pytest.approx(83.09, abs=0.01)
+    assert plan.engine.gpu_total / GIB == pytest.approx(17.53 + 6.19 + 1.15 + 3.00, abs=0.01)
+
+
+def test_polaris_on_80gib_gpus_is_refused_with_the_numbers_and_the_knobs():
+    with pytest.raises(EnvironmentSetupError) as err:
+        check(polaris_plan())
+    message = str(err.value)
+    assert "learner rank" in message and "needs 83.09 GiB > 80.00 GiB" in message
+    assert "optimizer states 50.03" in message
+    for knob in ("learner.world_size", "learner.offload_optimizer=true", "learner.max_tokens_per_micro_batch",
+                 "learner.logprob_chunk_tokens"):
+        assert knob in message
+    assert "rollout engine" not in message  # the engines fit: 27.87 of 68 GiB
+
+
+def test_offload_moves_the_optimizer_to_cpu_and_then_it_fits():
+    plan = polaris_plan("learner.offload_optimizer=true")
+    assert "optimizer states" not in plan.learner.gpu
+    assert plan.learner.cpu == {"optimizer states": P * 12 // 2, "gradients (fp32, CPU Adam)": P * 4 // 2}
+    assert plan.learner.gpu_total == polaris_plan().learner.gpu_total - P * 12 // 2
+    check(plan)
+    with pytest.raises(EnvironmentSetupError, match="CPU memory"):
+        check(plan, cpu_memory_gib=100)  # 2 ranks x 66.71 GiB
+
+
+def test_an_engine_that_cannot_hold_its_sequences_is_refused():
+    plan = polaris_plan("rollout.num_engines=1", "rollout.sampling.max_new_tokens=131072", gpu_gib=80)
+    with pytest.raises(EnvironmentSetupError) as err:
+        check(plan)
+    assert "rollout engine GPU" in str(err.value) and "rollout.tensor_parallel_size" in str(err.value)
+
+
+def test_only_full_attention_layers_keep_a_kv_cache():
+    shape = ModelShape.from_hf_config(model_config("Qwen/Qwen3.5-9B"))
+    learner = LearnerSetup(1, 0, "bfloat16", True, 1024, 0)
+    engine = EngineSetup(1, 2, max_model_len=1000, concurrent_sequences=3, gpu_memory_utilization=0.9,
+                         dtype="bfloat16")
+    plan = plan_memory(shape, learner, engine, 80)
+    # 8 of 32 layers; tensor parallel 2 halves the 4 KV heads and the 32 value heads of the state
+    assert plan.engine.gpu["KV cache (full-attention layers)"] == 8 * 2 * 2 * 256 * 2 * 1000 * 3
+    assert plan.engine.gpu["linear-attention state"] == 24 * (16 * 128 * 128 * 4 + CONV_DIM // 2 * 3 * 2) * 3
+    assert plan.engine.gpu["weights"] == (P + VISION) * 2 // 2
+
+
+def test_zero_stages_shard_optimizer_then_gradients_then_weights():
+    shape = ModelShape.from_hf_config(model_config("tiny"))
+    engine = EngineSetup(1, 1, 512, 8, 0.9, "float32")
+    p = shape.params
+    for stage, (weights, grads, opt) in {0: (p * 4, p * 4, p * 8), 1: (p * 4, p * 4, p * 8 // 4),
+                                         2: (p * 4, p * 4 // 4, p * 8 // 4), 3: (p * 4 // 4, p * 4 // 4, p * 8 // 4)}.items():
+        gpu = plan_memory(shape, LearnerSetup(4, stage, "float32", False, 512, 128), engine, 16).learner.gpu
+        assert (gpu["weights"], gpu["gradients"], gpu["optimizer states"]) == (weights, grads, opt)  # fp32: no master
+
+
+def test_the_tiny_plan_fits_and_prints_one_line_per_item():
+    cfg = load_config([])
+    plan = plan_from_config(cfg, model_config(cfg.model.path), 16)
+    check(plan)
+    table = format_plan(plan)
+    assert "activations: all layers" in table  # tiny trains without gradient checkpointing
+    assert table.count("fits") == 2 and "DOES NOT FIT" not in table
+
+
+def test_offloading_params_needs_zero_3():
+    shape = ModelShape.from_hf_config(model_config("tiny"))
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        plan_memory(shape, LearnerSetup(2, 2, "float32", False, 512, 0, offload_params=True),
+                    EngineSetup(1, 1, 512, 8, 0.9, "float32"), 16)
+
+
+def test_model_config_reads_a_local_folder_with_a_nested_text_config(tmp_path):
+    nested = model_config("Qwen/Qwen3.5-9B")
+    (tmp_path / "config.json").write_text(json.dumps(nested))
+    assert model_config(str(tmp_path)) == nested
+    flat = ModelShape.from_hf_config(nested["text_config"])
+    assert flat.params == ModelShape.from_hf_config(nested).params  # same text model either way
+
+
+def test_an_unknown_model_is_named_in_the_error():
+    with pytest.raises(ConfigError, match="no-such/model"):
+        model_config("no-such/model")
