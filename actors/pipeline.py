@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from actors.data import PromptRecord
 from actors.rollout_worker import Sample
-from reward.worker import ScoredSample
 
 
 @dataclass
@@ -116,8 +115,3 @@ def stream_rollouts(step: InFlightStep, streams: list, codec, submit, *, referen
         step._done.set()
     for stream in streams:
         threading.Thread(target=consume, args=(stream,), name=f"rollouts-{step.step}", daemon=True).start()
-
-
-def scored(rows) -> list[ScoredSample]:
-    return [row.scored.result() for row in rows]
-

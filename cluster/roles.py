@@ -62,9 +62,7 @@ class Roles:
     # --- rollout ---
     def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
         """Requests balanced over the engines by outstanding tokens; results in request order."""
-        costs = [len(prompt) + sampling.max_new_tokens for _, _, prompt, _ in requests]
-        shares = [[requests[i] for i in share] for share in balance_requests(costs, len(self.rollouts))]
-        results = ray.get([w.generate.remote(share, sampling) for w, share in zip(self.rollouts, shares) if share])
+        results = ray.get([w.generate.remote(share, sampling) for w, share in self._shares(requests, sampling)])
         by_key = {(s.uid, s.sample_index): s for part in results for s in part}
         return [by_key[(uid, i)] for uid, i, _, _ in requests]
 
@@ -72,10 +70,14 @@ class Roles:
                          chunk: int) -> list:
         """Like generate(), but returns one Ray streaming generator per busy engine, each yielding
         its samples chunk by chunk as they are done."""
-        costs = [len(prompt) + sampling.max_new_tokens for _, _, prompt, _ in requests]
-        shares = [[requests[i] for i in share] for share in balance_requests(costs, len(self.rollouts))]
         return [w.generate_stream.options(num_returns="streaming").remote(share, sampling, chunk)
-                for w, share in zip(self.rollouts, shares) if share]
+                for w, share in self._shares(requests, sampling)]
+
+    def _shares(self, requests, sampling: SamplingParams) -> list[tuple[object, list]]:
+        """(engine, its requests) for every engine with work, balanced by outstanding tokens."""
+        costs = [len(prompt) + sampling.max_new_tokens for _, _, prompt, _ in requests]
+        shares = balance_requests(costs, len(self.rollouts))
+        return [(w, [requests[i] for i in share]) for w, share in zip(self.rollouts, shares) if share]
 
     # --- reward ---
     def score(self, jobs: list[ScoringJob]) -> list[ScoredSample]:
