@@ -11,6 +11,7 @@ from actors.data import PromptRecord, PromptSampler
 from actors.engine import SamplingParams
 from actors.groups import GroupRow, assemble_batch
 from actors.pipeline import InFlightStep, ReferenceRow, stream_rollouts
+from actors.rollout_log import RolloutLog
 from actors.tracking import Tracker
 from cluster.roles import Roles
 from conf.schema import Config
@@ -75,6 +76,7 @@ class Coordinator:
         s = cfg.rollout.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens)
         self.stop_reason: str | None = None
+        self.rollout_log = RolloutLog(output_dir)
         self._last_step_usd = 0.0
 
     def run(self, start_step: int = 0) -> str | None:
@@ -134,7 +136,7 @@ class Coordinator:
         prompt_ids = {p.uid: self.codec.prompt_ids(p) for p in prompts}
         requests = [(p.uid, i, prompt_ids[p.uid], sample_seed(cfg.trainer.seed, step, p.uid, i))
                     for p in prompts for i in range(n_policy)]
-        inflight = InFlightStep(step, prompts, prompt_ids, ref_weight)
+        inflight = InFlightStep(step, prompts, prompt_ids, ref_weight, on_scored=self.rollout_log.record)
         by_uid = {p.uid: p for p in prompts}
 
         def job_for(uid: str, tok: Tokenized, key: str) -> ScoringJob:

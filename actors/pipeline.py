@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from actors.data import PromptRecord
 from actors.rollout_worker import Sample
+from reward.worker import ScoredSample
 
 
 @dataclass
@@ -42,6 +44,7 @@ class InFlightStep:
     started: float = field(default_factory=time.perf_counter)
     generated_at: float | None = None
     last_scored_at: float = 0.0
+    on_scored: Callable[[int, object, ScoredSample], None] | None = None
     policy: list[PolicyRow] = field(default_factory=list)
     references: list[ReferenceRow] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -61,9 +64,12 @@ class InFlightStep:
             row.scored.result()
         return self.last_scored_at
 
-    def track(self, future: Future) -> Future:
-        def arrived(_: Future) -> None:
+    def track(self, future: Future, row) -> Future:
+        """Note when the row's judgment arrives, and hand it to on_scored (the rollout log)."""
+        def arrived(done: Future) -> None:
             self.last_scored_at = max(self.last_scored_at, time.perf_counter())
+            if self.on_scored is not None and done.exception() is None:
+                self.on_scored(self.step, row, done.result())
         future.add_done_callback(arrived)
         return future
 
@@ -85,13 +91,14 @@ def stream_rollouts(step: InFlightStep, streams: list, codec, submit, *, referen
     def add_chunk(samples: list[Sample]) -> None:
         rows = []
         for s in samples:
-            tokens = codec.response(s.response_ids, s.finish_reason)
-            rows.append(PolicyRow(s, tokens, step.track(submit(job_for(s.uid, tokens, f"{s.uid}/{s.sample_index}")))))
+            row = PolicyRow(s, codec.response(s.response_ids, s.finish_reason), None)
+            row.scored = step.track(submit(job_for(s.uid, row.tokens, f"{s.uid}/{s.sample_index}")), row)
+            rows.append(row)
         with lock:
             step.policy.extend(rows)
             first, pending["references"] = pending["references"], []
         for ref in first:  # with the first chunk: in a serial step that is after generation
-            ref.scored = step.track(submit(job_for(ref.prompt.uid, ref.tokens, f"{ref.prompt.uid}/ref")))
+            ref.scored = step.track(submit(job_for(ref.prompt.uid, ref.tokens, f"{ref.prompt.uid}/ref")), ref)
             with lock:
                 step.references.append(ref)
 

@@ -180,6 +180,14 @@ def test_a_faulty_judge_run_completes_and_its_repeat_pays_only_for_what_failed(t
     assert m["judge/requests"] == m["judge/stories"] + m["judge/retries"]
     assert m["groups/dropped"] == 0 and m["groups/rows_trained"] == 48 - m["judge/failed"]  # invalid: not trained
     assert m["judge/spend_usd"] > 0
+    # every story is in rollouts/ with its judgment: the failed ones without a reward
+    stories = [json.loads(line) for line in (tmp_path / "faulty" / "rollouts" / "step_000000.jsonl").open()]
+    assert len(stories) == 48 and len({s["key"] for s in stories}) == 48
+    failed = [s for s in stories if not s["valid"]]
+    assert len(failed) == m["judge/failed"] and all(s["reward"] is None and s["judge_error"] for s in failed)
+    judged = [s for s in stories if s["valid"]]
+    assert all(s["judgment"] and s["reward"]["score"] is not None and s["response"] for s in judged)
+    assert sum(s["judge_attempts"] for s in stories) == m["judge/requests"]
 
     repeat = launch_run([*common, f"trainer.output_dir={tmp_path / 'repeat'}"], env)
     assert repeat.returncode == 0, repeat.stderr[-3000:]
