@@ -1,4 +1,5 @@
 """Rollout side and the step loop: data (prompts, sampler), engine (engine interface, HF engine),
-rollout_worker (one engine + its weight version), groups (GRPO group assembly), coordinator
-(the step loop), tracking (metrics.jsonl, W&B, console). Modules are imported directly so that
+rollout_worker (one engine + its weight version), groups (GRPO group assembly), pipeline (a
+step's rollouts streaming into the judge), coordinator (the step loop), rollout_log (every judged
+story on disk), tracking (metrics.jsonl, W&B, console). Modules are imported directly so that
 light ones (data) never pull in heavy ones (engines, Ray)."""

@@ -8,9 +8,10 @@ its generation phase (all of a step's stories in flight at once: judge.max_in_fl
              cores are shared, so step k trains after step k+1's generation, not during it)
 
 Both use rollout.stream_chunk=0 (one engine call per step): on the transformers engine on CPU a
-chunked call costs more generation time than it hides (measured here: generation 3.97 s per
-step in one call, 5.64 s in calls of 24, 7.3 s in calls of 12); add rollout.stream_chunk=N to
-measure that trade-off.
+chunked call costs more generation time than it hides (measured here with max_staleness=1:
+pipelined step 7.44 s in calls of 24 against a serial 7.25 s; generation 3.97 s in one serial
+call, 5.64 s in calls of 24 and 7.3 s in calls of 12, the latter two with the judge working
+alongside); add rollout.stream_chunk=N to measure that trade-off.
 
     .venv/bin/python bench/pipeline.py [--steps 7] [--judge-latency 1.0 1.8] [extra key=value overrides]
 

@@ -22,7 +22,7 @@ from reward.judge_client import JudgeSettings, RetryPolicy
 from reward.limiter import LimiterService, RateLimits
 from reward.pool import RewardPool
 from reward.spend import Prices
-from reward.worker import RemoteLimiter, RewardWorker, ScoredSample, ScoringJob
+from reward.worker import RemoteLimiter, RewardWorker
 
 NAMESPACE = "polaris"
 
@@ -80,9 +80,6 @@ class Roles:
         return [(w, [requests[i] for i in share]) for w, share in zip(self.rollouts, shares) if share]
 
     # --- reward ---
-    def score(self, jobs: list[ScoringJob]) -> list[ScoredSample]:
-        return self.reward_pool.score(jobs)
-
     def judge_metrics(self) -> dict[str, float]:
         """judge/* since the last call, with the limiter's view of the whole project."""
         limiter = ray.get(self.limiter.stats.remote())

@@ -1,3 +1,5 @@
 """Reward side: components (POLARIS reward formula, pure), rubric (judge prompt, schema, score),
-judge_client (Gemini via google-genai), judge_server (loopback Gemini-compatible judge),
-worker (judge + reward for a batch of stories)."""
+judge_api + gemini_api / openai_api (one judge call per service), judge_client (retries under the
+rate limit), limiter (the project-wide rate limit), worker (judge + reward, an async Ray actor),
+pool (the driver's side: batching, per-story futures, cache, spend), cache, spend, and
+judge_server (the loopback test double of the judge services)."""
