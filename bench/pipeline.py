@@ -1,5 +1,5 @@
-"""How much of the judge does the pipelined step hide? Trains conf=tiny twice in one invocation,
-with the loopback judge's latency set so that the judge phase of a serial step is about half of
+"""How much of the judge does the pipelined step hide? Trains conf=tiny serial and pipelined in one
+invocation, with the loopback judge's latency set so that the judge phase of a serial step is about half of
 its generation phase (all of a step's stories in flight at once: judge.max_in_flight=64):
 
   serial     rollout.max_staleness=0: generate, then judge, then train, then sync
@@ -7,17 +7,30 @@ its generation phase (all of a step's stories in flight at once: judge.max_in_fl
              k+1 generates while step k is judged, and is judged while step k trains (on CPU the
              cores are shared, so step k trains after step k+1's generation, not during it)
 
+Both runs train with learner.lr=0 (the optimizer still steps and the weights are still sent), so
+both generate the same stories, step by step: with learning on, the two policies part after
+step 0, and one story that runs to max_new_tokens makes its step's batched generation ~1.4x
+longer, which swamps the judge being measured (seen here: pipelined steps 1, 3, 4, 5 ran to
+the limit and the serial run's did not). `--learn` measures with learning on.
+
 Both use rollout.stream_chunk=0 (one engine call per step): on the transformers engine on CPU a
 chunked call costs more generation time than it hides (measured here with max_staleness=1:
 pipelined step 7.44 s in calls of 24 against a serial 7.25 s; generation 3.97 s in one serial
 call, 5.64 s in calls of 24 and 7.3 s in calls of 12, the latter two with the judge working
 alongside); add rollout.stream_chunk=N to measure that trade-off.
 
-    .venv/bin/python bench/pipeline.py [--steps 7] [--judge-latency 1.0 1.8] [extra key=value overrides]
+    .venv/bin/python bench/pipeline.py [--steps 9] [--repeats 2] [--judge-latency 1.6 2.5] [--learn] [key=value ...]
 
-Seconds per step are medians over the steps after the first (start-up) and before the last (the
-pipeline drains there). j is the serial run's judge phase. On 2 CPU cores generation and
-training compete for the same cores, so the judge is what can be hidden here.
+The two runs alternate serial, pipelined, pipelined, serial (`--repeats 2`, the default): the
+same work's generation time drifts by 10-15% between runs minutes apart on this shared machine
+(seen: a serial run's 5.46 s against the next pipelined run's 4.81 s for the same stories),
+which a single pair turns into a hidden share above 1; the ABBA order cancels a linear drift.
+Seconds per step are medians, over every repeat, of the steps after the first (start-up) and
+before the last (the pipeline drains there). j is the serial run's judge phase. On 2 CPU cores
+generation and training compete for the same cores, so the judge is what can be hidden here; what
+keeps the share below 1 is the judge side's own CPU (reward workers, limiter, pool and loopback
+server: ~0.6 s per step of 48 stories, measured), which the pipeline moves from the idle judge
+phase into generation and training.
 Last line: pipeline: serial_s=<a> pipelined_s=<b> judge_s=<j> hidden=<(a-b)/j>
 """
 from __future__ import annotations
@@ -52,26 +65,39 @@ def run(mode: str, steps: int, latency: tuple[float, float], extra: list[str], o
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def middle(rows: list[dict]) -> list[dict]:
+    return rows[1:-1] or rows
+
+
 def medians(rows: list[dict]) -> dict[str, float]:
-    middle = rows[1:-1] or rows
-    return {k: statistics.median(r[k] for r in middle) for k in PHASES}
+    return {k: statistics.median(r[k] for r in rows) for k in PHASES}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=7)
-    ap.add_argument("--judge-latency", type=float, nargs=2, default=(1.0, 1.8), metavar=("LO", "HI"))
+    ap.add_argument("--steps", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per mode, in the order ABBA...")
+    ap.add_argument("--judge-latency", type=float, nargs=2, default=(1.6, 2.5), metavar=("LO", "HI"))
+    ap.add_argument("--learn", action="store_true", help="train with conf=tiny's learning rate (the runs diverge)")
     ap.add_argument("overrides", nargs="*", help="more key=value config overrides for both runs")
     args = ap.parse_args()
+    if not args.learn:
+        args.overrides = ["learner.lr=0", *args.overrides]
     if args.steps < 3:
         ap.error("--steps must be >= 3 (the first and the last step are left out)")
 
-    results = {}
+    pairs = [("serial", "pipelined") if k % 2 == 0 else ("pipelined", "serial") for k in range(args.repeats)]
+    order = [mode for pair in pairs for mode in pair]  # ABBA...
+    rows = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
-            results[mode] = medians(run(mode, args.steps, tuple(args.judge_latency), args.overrides, Path(tmp) / mode))
-            print(f"{mode:>9}: " + "  ".join(f"{k.split('/')[1]} {v:.2f}s" for k, v in results[mode].items()),
+        for k, mode in enumerate(order):
+            run_rows = middle(run(mode, args.steps, tuple(args.judge_latency), args.overrides, Path(tmp) / f"{k}"))
+            rows[mode] += run_rows
+            print(f"{mode:>9} run {k}: " + "  ".join(f"{p.split('/')[1]} {v:.2f}s" for p, v in medians(run_rows).items()),
                   flush=True)
+    results = {mode: medians(rows[mode]) for mode in MODES}
+    for mode in MODES:
+        print(f"{mode:>9}: " + "  ".join(f"{p.split('/')[1]} {v:.2f}s" for p, v in results[mode].items()))
     serial, pipelined = results["serial"]["time/step"], results["pipelined"]["time/step"]
     judge = results["serial"]["time/judge_tail"]
     print(f"serial judge phase / generation phase = {judge / results['serial']['time/generate']:.2f}")

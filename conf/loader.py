@@ -116,7 +116,10 @@ def validate(c: Config) -> None:
     """Range and cross-field checks that types alone cannot express."""
     _one_of(c.mode, "mode", ("train", "check"))
     _check(c.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
-    _check(c.trainer.save_every >= 1, "trainer.save_every", "must be >= 1")
+    _check(c.trainer.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end and on SIGTERM)")
+    _check(c.trainer.keep_checkpoints >= 0, "trainer.keep_checkpoints", "must be >= 0 (0 = keep all)")
+    _check(c.trainer.wandb_samples >= 0, "trainer.wandb_samples", "must be >= 0")
+    _check(bool(c.trainer.resume), "trainer.resume", "must be auto, never or a checkpoint folder")
     _check(c.trainer.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0 = never)")
     _one_of(c.trainer.device, "trainer.device", ("cpu", "cuda"))
     _check(c.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
@@ -153,7 +156,7 @@ def validate(c: Config) -> None:
     l = c.learner
     _check(l.world_size >= 1, "learner.world_size", "must be >= 1")
     _check(l.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"{l.zero_stage} is not one of 0, 1, 2, 3")
-    _check(l.lr > 0, "learner.lr", f"must be > 0 (got {l.lr})")
+    _check(l.lr >= 0, "learner.lr", f"must be >= 0 (0 freezes the policy; got {l.lr})")
     _check(l.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
     _check(l.grad_clip > 0, "learner.grad_clip", "must be > 0")
     _check(l.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")

@@ -80,7 +80,7 @@ ENV_AND_CONFIG = [
     (["trainer.device=cuda"], ["trainer.device=cuda", "no GPU"]),
     (["rollout.n=2"], ["rollout.n"]),
     (["conf=nosuch"], ["nosuch"]),
-    (["learner.lr=0"], ["learner.lr"]),
+    (["learner.lr=-1"], ["learner.lr"]),
 ]
 
 
