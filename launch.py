@@ -11,12 +11,6 @@ from pathlib import Path
 
 from conf import Config, PolarisError, load_config, to_yaml
 
-RUNTIME_ENV = {  # every process of the run: offline hub, loopback Ray, CPU DeepSpeed where no GPU
-    "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
-
-
 def check_inputs(cfg: Config):
     """Data and environment checks: seconds, before any model, engine, judge call or Ray."""
     from actors.data import load_prompts
@@ -70,30 +64,27 @@ def build_or_find_model(cfg: Config) -> str:
     return str(build_tiny_model(cfg.model.tiny.cache_dir or None, seed=cfg.model.tiny.seed))
 
 
-def connect_ray(cfg: Config) -> None:
-    """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start one on loopback."""
-    import ray
-
-    env = {**RUNTIME_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    if cfg.trainer.device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        needed = cfg.learner.world_size + cfg.rollout.num_engines
-        ray.init(num_cpus=max(needed, os.cpu_count() or 1), _node_ip_address="127.0.0.1",
-                 dashboard_host="127.0.0.1", include_dashboard=False, runtime_env={"env_vars": env})
-
-
 def train(cfg: Config) -> Path:
-    from actors.coordinator import Coordinator
+    from omegaconf import OmegaConf
+
+    from actors.checkpoint import prepare_resume
+    from actors.coordinator import Coordinator, stop_on_signals
     from actors.data import PromptSampler
     from actors.tracking import Tracker
+    from cluster.connect import connect_ray
     from cluster.roles import start_roles
     from reward.judge_server import LocalJudgeServer
 
     prompts, model_path, codec = prepare(cfg)
     output_dir = Path(cfg.trainer.output_dir)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not output_dir.is_absolute():
+        print(f"warning: trainer.output_dir={output_dir} is relative: under `ray job submit` it lands in Ray's "
+              "copy of the working dir, where a later job cannot resume from it; give an absolute path")
+    resume_from, state = prepare_resume(cfg, output_dir)  # refuses a mismatched checkpoint before anything starts
+    if state and state["steps_done"] >= cfg.trainer.total_steps:
+        print(f"done already: {resume_from} is at step {state['steps_done']} of trainer.total_steps="
+              f"{cfg.trainer.total_steps}; raise it to train further")
+        return output_dir / "hf_model"
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(to_yaml(cfg))  # keys live in the environment, never in config
     judge_server = LocalJudgeServer.from_config(cfg.judge) if cfg.judge.backend == "local" else None
@@ -105,14 +96,15 @@ def train(cfg: Config) -> Path:
     roles.preflight_judge()
 
     sampler = PromptSampler(prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)
-    from omegaconf import OmegaConf
-
     tracker = Tracker(output_dir, project=cfg.trainer.wandb_project, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-                      total_steps=cfg.trainer.total_steps, start_step=0, progress_bar=cfg.trainer.progress_bar)
-    coordinator = Coordinator(cfg, roles, codec, sampler, tracker, output_dir)
+                      total_steps=cfg.trainer.total_steps, start_step=state["steps_done"] if state else 0,
+                      progress_bar=cfg.trainer.progress_bar, run_id=state["wandb_run_id"] if state else None)
+    coordinator = Coordinator(cfg, roles, codec, sampler, tracker, output_dir, model_path)
     try:
-        stopped = coordinator.run()
-        hf_path = coordinator.export(tokenizer_path=model_path)
+        start_step, in_flight = coordinator.restore(resume_from) if resume_from else (0, None)
+        with stop_on_signals(coordinator):
+            stopped = coordinator.run(start_step, in_flight)
+        hf_path = None if coordinator.stop_requested else coordinator.export()
     finally:
         tracker.close()
         roles.reward_pool.close()
@@ -123,7 +115,7 @@ def train(cfg: Config) -> Path:
     if judge_server:
         stats = judge_server.stats()
         print(f"loopback judge: {stats['accepted']} requests accepted, {stats['violations']} rate-limit violations")
-    print(f"done: metrics in {output_dir / 'metrics.jsonl'}; policy in {hf_path}; "
+    print(f"done: metrics in {output_dir / 'metrics.jsonl'}; policy in {hf_path or 'the last checkpoint'}; "
           f"judge spend ${roles.reward_pool.total_usd:.4f}")
     return hf_path
 

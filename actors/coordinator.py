@@ -1,16 +1,24 @@
 """The step loop (DESIGN.md section 3): prompts -> rollouts -> judge -> groups -> update -> weights."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import pickle
+import random
+import signal
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+import torch
+
+from actors import checkpoint
 from actors.data import PromptRecord, PromptSampler
 from actors.engine import SamplingParams
 from actors.groups import GroupRow, assemble_batch
-from actors.pipeline import InFlightStep, ReferenceRow, stream_rollouts
+from actors.pipeline import InFlightStep, ReferenceRow, StopRequested, stream_rollouts
 from actors.rollout_log import RolloutLog
 from actors.tracking import Tracker
 from cluster.roles import Roles
@@ -70,7 +78,7 @@ def sample_seed(seed: int, step: int, uid: str, index: int) -> int:
 
 class Coordinator:
     def __init__(self, cfg: Config, roles: Roles, codec: ChatCodec, sampler: PromptSampler, tracker: Tracker,
-                 output_dir: Path):
+                 output_dir: Path, model_path: str):
         self.cfg, self.roles, self.codec, self.sampler, self.tracker = cfg, roles, codec, sampler, tracker
         self.output_dir = output_dir
         s = cfg.rollout.sampling
@@ -78,41 +86,69 @@ class Coordinator:
         self.stop_reason: str | None = None
         self.rollout_log = RolloutLog(output_dir)
         self._last_step_usd = 0.0
+        self.stop_requested: str | None = None  # set by a signal handler: SIGTERM, SIGINT
+        self._sampler_before: dict[int, dict] = {}  # the data cursor before each launched step
+        self._saved_at: int | None = None
+        self.model_path = model_path
 
-    def run(self, start_step: int = 0) -> str | None:
-        """Train to trainer.total_steps; returns why it stopped early (the judge budget), or None.
+    def run(self, start_step: int = 0, restored: InFlightStep | None = None) -> str | None:
+        """Train to trainer.total_steps; returns why it stopped early (judge budget, a signal), or None.
 
         On-policy (max_staleness 0): launch step k, train it, sync, then launch step k+1.
         max_staleness 1: step k+1 is launched as soon as step k's generation is done, before
         step k trains; the weight sync waits until step k+1's generation is done too (engines
         are never updated mid-generation), so step k+1's rows are exactly one update old.
-        On GPUs step k trains while step k+1 generates; on CPU (shared cores) after it."""
+        On GPUs step k trains while step k+1 generates; on CPU (shared cores) after it.
+        A stop request (self.stop_requested) is honoured between phases: a step not yet training
+        is dropped, a training step finishes; either way a checkpoint is written first."""
         total, overlap = self.cfg.trainer.total_steps, self.cfg.rollout.max_staleness > 0
-        upcoming = self.launch(start_step) if start_step < total else None
+        upcoming = restored or (self.launch(start_step) if start_step < total else None)
         iteration_start = time.perf_counter()
         while upcoming is not None:
-            current = upcoming
-            current.wait_generated()
-            upcoming = self.launch(current.step + 1) if overlap and current.step + 1 < total else None
-            if upcoming is not None and self.cfg.trainer.device == "cpu":
-                # one set of cores for every role: training while the engines generate only
-                # thrashes them (measured: generation 3.6 s -> 13.8 s), so on CPU the overlap is
-                # step k's judging with step k+1's generation, and step k+1's judging with training
-                upcoming.wait_generated()
+            current, upcoming = upcoming, None
+            try:
+                current.wait_generated(self._stopping)
+                upcoming = self.launch(current.step + 1) if overlap and current.step + 1 < total else None
+                if upcoming is not None and self.cfg.trainer.device == "cpu":
+                    # one set of cores for every role: training while the engines generate only
+                    # thrashes them (measured: generation 3.6 s -> 13.8 s), so on CPU the overlap is
+                    # step k's judging with step k+1's generation, and step k+1's judging with training
+                    upcoming.wait_generated(self._stopping)
+                current.wait_scored(self._stopping)
+            except StopRequested:
+                self.save_checkpoint(current.step, in_flight=current)
+                return self.stop_reason
             metrics = self.train_step(current)
+            synced = True
             if upcoming is not None:
-                upcoming.wait_generated()
+                try:
+                    upcoming.wait_generated(self._stopping)
+                except StopRequested:  # its generation is dropped; the resumed run redoes it
+                    synced = False
             t_sync = time.perf_counter()
-            if metrics["groups/rows_trained"]:
+            if metrics["groups/rows_trained"] and synced:
                 self.roles.sync_weights()
             end = time.perf_counter()
             metrics.update(self.phase_times(current, metrics, iteration_start, t_sync, end))
             self._last_step_usd = metrics["judge/spend_usd"]
-            self.tracker.log_step(metrics)
+            self.tracker.log_step(metrics, samples=self.sample_table(current))
             iteration_start = end
-            if not overlap and current.step + 1 < total:
-                upcoming = self.launch(current.step + 1)
+            steps_done = current.step + 1
+            every = self.cfg.trainer.save_every
+            if self.stop_requested or (every and steps_done % every == 0):
+                self.save_checkpoint(steps_done, in_flight=upcoming if synced else None, updates_unsent=int(not synced))
+            if self._stopping():
+                return self.stop_reason
+            if not overlap and steps_done < total:
+                upcoming = self.launch(steps_done)
+            if upcoming is None and self._saved_at != steps_done:  # the end, or the judge budget
+                self.save_checkpoint(steps_done)
         return self.stop_reason
+
+    def _stopping(self) -> bool:
+        if self.stop_requested and not self.stop_reason:
+            self.stop_reason = f"{self.stop_requested}: stopped after a checkpoint"
+        return bool(self.stop_requested)
 
     def reference_weight(self, step: int) -> float:
         h = self.cfg.algorithm.hri
@@ -121,16 +157,19 @@ class Coordinator:
         return reference_weight(step, peak=h.peak_weight, warmup_steps=h.warmup_steps, decay_steps=h.decay_steps,
                                 final_weight=h.final_weight)
 
-    def launch(self, step: int) -> InFlightStep | None:
+    def launch(self, step: int, restore: dict | None = None) -> InFlightStep | None:
         """Take the step's prompts and start its rollouts streaming into the judge; None when the
-        judge budget would not cover another step."""
-        self.stop_reason = budget_stop_reason(self.roles.reward_pool.total_usd, self._last_step_usd,
-                                              self.cfg.judge.budget_usd)
-        if self.stop_reason:
-            self.stop_reason += f"; stopped before step {step}"
-            return None
+        judge budget would not cover another step. restore: a checkpoint's in-flight step (its
+        prompts and generated samples), sent to the judge again (the cache answers)."""
+        if restore is None:
+            self.stop_reason = budget_stop_reason(self.roles.reward_pool.total_usd, self._last_step_usd,
+                                                  self.cfg.judge.budget_usd)
+            if self.stop_reason:
+                self.stop_reason += f"; stopped before step {step}"
+                return None
         cfg = self.cfg
-        prompts = self.sampler.next_batch()
+        self._sampler_before[step] = self.sampler.state_dict()
+        prompts = restore["prompts"] if restore else self.sampler.next_batch()
         ref_weight = self.reference_weight(step)
         n_policy = cfg.rollout.n - 1 if ref_weight > 0 else cfg.rollout.n
         prompt_ids = {p.uid: self.codec.prompt_ids(p) for p in prompts}
@@ -144,7 +183,10 @@ class Coordinator:
             return ScoringJob(key, p.prompt_text, tok.text, p.target_words, len(tok.ids), tok.story_start,
                               tok.truncated)
         references = [ReferenceRow(p, self.codec.reference(p), None) for p in prompts] if ref_weight > 0 else []
-        streams = self.roles.start_generation(requests, self.sampling, cfg.rollout.stream_chunk)
+        if restore:
+            streams = [[ray.put(restore["samples"])]]
+        else:
+            streams = self.roles.start_generation(requests, self.sampling, cfg.rollout.stream_chunk)
         stream_rollouts(inflight, streams, self.codec, self.roles.reward_pool.submit, references=references,
                         job_for=job_for)
         return inflight
@@ -217,12 +259,104 @@ class Coordinator:
             "util/learner": train_s / step_s if step_s else 0.0,
         }
 
-    def export(self, tokenizer_path: str) -> Path:
+    def sample_table(self, inflight: InFlightStep) -> list[dict]:
+        """A few of the step's judged stories for the W&B table: the first samples of its first prompts."""
+        rows = []
+        for row in sorted(inflight.policy, key=lambda r: (r.sample.sample_index, r.sample.uid)):
+            if len(rows) == self.cfg.trainer.wandb_samples:
+                break
+            scored, prompt = row.scored.result(), next(p for p in inflight.prompts if p.uid == row.sample.uid)
+            reward = scored.reward
+            rows.append({"step": inflight.step, "uid": row.sample.uid, "sample": row.sample.sample_index,
+                         "target_words": prompt.target_words, "words": reward.word_count if reward else None,
+                         "tokens": len(row.tokens.ids), "judge_score": reward.score if reward else None,
+                         "reward": reward.scalar if reward else None, "story": row.tokens.text})
+        return rows
+
+    # --- checkpoints (actors/checkpoint.py has the layout) ---
+    def recommended_sampling(self) -> dict:
+        s = self.cfg.rollout.val_sampling
+        return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                "repetition_penalty": s.repetition_penalty, "max_new_tokens": s.max_new_tokens}
+
+    def save_checkpoint(self, steps_done: int, in_flight: InFlightStep | None = None, updates_unsent: int = 0) -> Path:
+        """Everything a resume needs to continue exactly: learner (DeepSpeed), judge cache,
+        coordinator state, and a generated step in flight (max_staleness 1, or a stop that came
+        while it was being judged) with its samples, so the resumed run judges (from the cache)
+        and trains exactly those rows. updates_unsent: the learner is that many updates ahead of
+        the engines (a stop came before the sync); the resumed run sends them as that version."""
+        t0 = time.perf_counter()
+        keep = in_flight if in_flight is not None and in_flight.generated else None
+        next_fresh = keep.step + 1 if keep else steps_done
+        partial = checkpoint.begin(self.output_dir, steps_done)
+        self.roles.save_checkpoint(str(partial), tokenizer_path=self.model_path, generation=self.recommended_sampling())
+        pool = self.roles.reward_pool
+        if pool.cache is not None:
+            pool.cache.backup(partial / checkpoint.CACHE_FILE)
+        if keep:
+            with open(partial / checkpoint.IN_FLIGHT_FILE, "wb") as f:
+                pickle.dump({"step": keep.step, "prompts": keep.prompts,
+                             "samples": [r.sample for r in keep.policy]}, f)
+        checkpoint.write_state(partial, {
+            "steps_done": steps_done,
+            "in_flight_step": keep.step if keep else None,
+            "sampler": self._sampler_before.get(next_fresh, self.sampler.state_dict()),
+            "weight_version": self.roles.weight_version + updates_unsent,
+            "hri_weight_next": self.reference_weight(steps_done),
+            "wandb_run_id": self.tracker.run_id,
+            "judge": {"total_usd": pool.total_usd, "last_step_usd": self._last_step_usd},
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state().tolist()},
+            "run": {"model_path": self.cfg.model.path, "world_size": self.cfg.learner.world_size,
+                    "zero_stage": self.cfg.learner.zero_stage},
+        })
+        final = checkpoint.commit(partial)
+        checkpoint.prune(self.output_dir, self.cfg.trainer.keep_checkpoints)
+        self._saved_at = steps_done
+        print(f"checkpoint: {final} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        return final
+
+    def restore(self, folder: Path) -> tuple[int, InFlightStep | None]:
+        """Load a checkpoint into the running roles; returns (first step to run, restored step in flight)."""
+        state = checkpoint.read_state(folder)
+        self.roles.load_checkpoint(str(folder))
+        self.roles.push_weights(state["weight_version"], restoring=True)
+        self.sampler.load_state_dict(state["sampler"])
+        self.roles.reward_pool.total_usd = state["judge"]["total_usd"]
+        self._last_step_usd = state["judge"]["last_step_usd"]
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+        self._saved_at = state["steps_done"]
+        restored = None
+        if state["in_flight_step"] is not None:
+            with open(folder / checkpoint.IN_FLIGHT_FILE, "rb") as f:
+                saved = pickle.load(f)
+            restored = self.launch(saved["step"], restore=saved)
+        return state["steps_done"], restored
+
+    def export(self) -> Path:
         path = self.output_dir / "hf_model"
-        self.roles.save_hf(str(path), tokenizer_path)
+        self.roles.save_hf(str(path), self.model_path, generation=self.recommended_sampling())
         return path
 
 
 def _mean(values) -> float:
     values = list(values)
     return statistics.fmean(values) if values else float("nan")
+
+
+@contextlib.contextmanager
+def stop_on_signals(coordinator):
+    """SIGTERM (`ray job stop`) or Ctrl-C: checkpoint, then exit; a second one exits at once."""
+    def request_stop(signum, _frame):
+        if coordinator.stop_requested:
+            raise KeyboardInterrupt
+        coordinator.stop_requested = signal.Signals(signum).name
+        print(f"{coordinator.stop_requested}: writing a checkpoint, then stopping (again: stop now)", flush=True)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -14,11 +14,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from actors.data import PromptRecord
 from actors.rollout_worker import Sample
 from reward.worker import ScoredSample
+
+
+class StopRequested(Exception):
+    """A wait gave up because the run was asked to stop (SIGTERM, `ray job stop`, Ctrl-C)."""
+
+
+_POLL_S = 0.2
 
 
 @dataclass
@@ -50,18 +58,31 @@ class InFlightStep:
     _done: threading.Event = field(default_factory=threading.Event)
     _error: BaseException | None = None
 
-    def wait_generated(self) -> None:
-        """Every engine has returned its samples (the engines are free for a weight update)."""
-        self._done.wait()
+    def wait_generated(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Every engine has returned its samples (the engines are free for a weight update).
+        Raises StopRequested as soon as stop() is true."""
+        while not self._done.wait(_POLL_S):
+            if stop():
+                raise StopRequested
         if self._error is not None:
             raise self._error
 
-    def wait_scored(self) -> float:
+    @property
+    def generated(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    def wait_scored(self, stop: Callable[[], bool] = lambda: False) -> float:
         """Waits for every judgment; returns when the last one arrived (which may be long before
         this call, when the step waited for its turn at the learner)."""
-        self.wait_generated()
+        self.wait_generated(stop)
         for row in [*self.policy, *self.references]:
-            row.scored.result()
+            while True:
+                try:
+                    row.scored.result(timeout=_POLL_S)
+                    break
+                except FutureTimeout:
+                    if stop():
+                        raise StopRequested from None
         return self.last_scored_at
 
     def track(self, future: Future, row) -> Future:

@@ -58,10 +58,11 @@ class RolloutWorker:
     def init_weight_sync(self, backend: str, host: str, port: int, rank: int, world_size: int, bucket_mb: int) -> None:
         self.engine.init_weight_sync(backend, host, port, rank, world_size, bucket_mb)
 
-    def receive_weights(self, version: int) -> int:
+    def receive_weights(self, version: int, *, restoring: bool = False) -> int:
         """Receive version `version` from learner rank 0 and load it; the sender checks the same
-        number, so an engine that missed an update refuses the next one instead of drifting."""
-        if version != self.weight_version + 1:
+        number, so an engine that missed an update refuses the next one instead of drifting.
+        restoring: a resumed run's engines take the checkpoint's version from the base model."""
+        if version != self.weight_version + 1 and not restoring:
             raise WeightSyncError(f"engine holds weight version {self.weight_version}; refusing to jump to {version}")
         self.engine.receive_weights(version)
         self.weight_version = version

@@ -1,46 +1,139 @@
-"""Where a run's numbers go: metrics.jsonl (one object per training step), W&B, the console."""
+"""Where a run's numbers go: metrics.jsonl (one object per training step), W&B (metrics, a table of
+sample stories, the redacted config), the console, and at the end a summary figure for offline users."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import secrets
+import string
 from pathlib import Path
 
 from tqdm import tqdm
 
+from actors.live_metrics import LiveMetrics
+
 
 class Tracker:
     def __init__(self, output_dir: Path, *, project: str, config: dict, total_steps: int, start_step: int,
-                 progress_bar: bool):
+                 progress_bar: bool, run_id: str | None = None):
+        """run_id: the W&B run to continue (a resume); else a new one. Either way it is written to
+        output_dir/wandb_run_id and kept in every checkpoint."""
+        self.output_dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
-        self._wandb = _start_wandb(output_dir, project, config)
+        self.run_id = run_id or _new_run_id()
+        (output_dir / "wandb_run_id").write_text(self.run_id + "\n")
+        self._wandb = _start_wandb(output_dir, project, redact(config), self.run_id, resuming=run_id is not None)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                          disable=not progress_bar, dynamic_ncols=True)
+        self._live = LiveMetrics(run_name=output_dir.resolve().name)
 
-    def log_step(self, metrics: dict) -> None:
+    def log_step(self, metrics: dict, samples: list[dict] = ()) -> None:
+        """samples: a few of the step's stories (dicts of equal keys) for the W&B table."""
         with open(self.metrics_path, "a") as f:  # appended as it happens: a crash loses nothing logged
             f.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
                                 for k, v in metrics.items()}) + "\n")
+        self._live.publish(metrics)
         if self._wandb is not None:
-            self._wandb.log(metrics, step=metrics["step"])
+            import wandb
+
+            extra = {}
+            if samples:
+                columns = list(samples[0])
+                extra["samples"] = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
+            self._to_wandb(lambda run: run.log({**metrics, **extra}, step=metrics["step"]))
         self._bar.write(step_summary(metrics))
         self._bar.update(1)
 
     def close(self) -> None:
         self._bar.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        figure = write_summary_figure(self.metrics_path, self.output_dir / "summary.png")
+        if self._wandb is not None and figure is not None:
+            import wandb
+
+            self._to_wandb(lambda run: run.log({"summary": wandb.Image(str(figure))}))
+        self._to_wandb(lambda run: run.finish())
+
+    def _to_wandb(self, call) -> None:
+        """W&B never stops training: `ray job stop` signals its service process too, for one."""
+        if self._wandb is None:
+            return
+        try:
+            call(self._wandb)
+        except Exception as e:  # noqa: BLE001
+            print(f"W&B stopped answering ({type(e).__name__}: {e}); metrics go on to metrics.jsonl "
+                  f"(`wandb sync {self.output_dir / 'wandb'}` uploads what it wrote)", flush=True)
+            self._wandb = None
 
 
-def _start_wandb(output_dir: Path, project: str, config: dict):
-    """Offline unless the user set WANDB_MODE or has a key; never fatal for training."""
+_SECRET = re.compile(r"(api_?key|token|secret|password)$", re.IGNORECASE)
+
+
+def redact(config: dict) -> dict:
+    """The config without secret values (a key named like api_key / token / secret / password;
+    the *_env keys name an environment variable and are kept). Ours holds none by design; a
+    user's extra YAML key might."""
+    def clean(node):
+        if isinstance(node, dict):
+            return {k: "***" if (_SECRET.search(str(k)) and node[k]) else clean(node[k]) for k in node}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+    return clean(config)
+
+
+def _new_run_id() -> str:
+    """W&B's run id alphabet; made here so the id exists before (and without) W&B."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _start_wandb(output_dir: Path, project: str, config: dict, run_id: str, *, resuming: bool):
+    """Offline unless the user set WANDB_MODE or has a key; never fatal for training. A resumed
+    run continues the same W&B run (steps the checkpoint did not cover are logged again: W&B
+    keeps the first values of a step it has seen)."""
     import wandb
 
     if os.environ.get("WANDB_MODE") == "disabled":
         return None
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    return wandb.init(project=project, dir=str(output_dir), config=config, mode=mode,
-                      settings=wandb.Settings(console="off", silent=True))
+    try:
+        return wandb.init(project=project, dir=str(output_dir), config=config, mode=mode, id=run_id,
+                          resume="allow" if resuming else None, settings=wandb.Settings(console="off", silent=True))
+    except Exception as e:  # noqa: BLE001 -- e.g. "run ID ... is in use" by a killed run's W&B service
+        print(f"W&B did not start ({type(e).__name__}: {e}); training goes on, metrics in metrics.jsonl", flush=True)
+        return None
+
+
+SUMMARY_PANELS = (("reward/mean", "reward (mean)"), ("length/ratio_mean", "length ratio (words / target)"),
+                  ("judge/spend_usd_total", "judge spend (USD, total)"), ("time/step", "step time (s)"))
+
+
+def write_summary_figure(metrics_path: Path, out: Path) -> Path | None:
+    """Reward, length ratio, judge spend and step time per step, as one PNG; None without metrics."""
+    if not metrics_path.exists():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    for ax, (key, title) in zip(axes.flat, SUMMARY_PANELS):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.suptitle(f"{metrics_path.parent.name}: {len(rows)} steps")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def step_summary(m: dict) -> str:

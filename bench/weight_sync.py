@@ -87,8 +87,8 @@ def main() -> None:
     import ray
     from transformers import AutoTokenizer
 
-    import launch
     from actors.coordinator import ChatCodec
+    from cluster import connect
     from cluster.roles import start_roles
     from conf import load_config
 
@@ -98,11 +98,12 @@ def main() -> None:
                        f"weight_sync.bucket_mb={args.bucket_mb}", "rollout.sampling.max_new_tokens=64"])
     # the floor runs our own functions inside vLLM's workers (collective_rpc with a callable):
     # vLLM only pickles those when told to; a bench-only setting, never set by launch.py
-    launch.RUNTIME_ENV["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    launch.connect_ray(cfg)
+    connect.RUNTIME_ENV["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    connect.connect_ray(cfg)
     codec = ChatCodec(AutoTokenizer.from_pretrained(model_path), enable_thinking=True, max_new_tokens=64)
     roles = start_roles(cfg, model_path=model_path, stop_token_ids=codec.stop_ids,
-                        pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9", run_name="bench-sync")
+                        pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9", run_name="bench-sync",
+                        output_dir=str(folder))
     learner, engines = roles.learners[0], roles.rollouts
     nbytes = ray.get(learner.call.remote(weights_bytes))
 

@@ -6,6 +6,7 @@ place that turns them into actors, names them and gives them resources.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import ray
@@ -14,6 +15,7 @@ from actors.engine import SamplingParams
 from actors.rollout_worker import RolloutWorker, Sample
 from cluster.netutil import free_port
 from cluster.placement import Placement, balance_requests, plan_placement, reserve
+from conf.errors import EnvironmentSetupError
 from conf.schema import Config
 from learner.worker import LearnerSettings, LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
 from reward.cache import JudgeCache
@@ -84,7 +86,7 @@ class Roles:
         """judge/* since the last call, with the limiter's view of the whole project."""
         limiter = ray.get(self.limiter.stats.remote())
         return {**self.reward_pool.take_metrics(), "judge/in_flight": limiter["in_flight"],
-                "judge/requests_last_window": limiter["requests_in_window"]}
+                "judge/queue_depth": limiter["waiting"], "judge/requests_last_window": limiter["requests_in_window"]}
 
     def preflight_judge(self) -> None:
         ray.get(self.reward_workers[0].preflight.remote())
@@ -97,10 +99,14 @@ class Roles:
         return ray.get(self.learners[0].compute_logprobs.remote(rows))
 
     def sync_weights(self) -> int:
+        """After an update: the learner's weights to every engine as the next version."""
+        return self.push_weights(self.weight_version + 1)
+
+    def push_weights(self, version: int, *, restoring: bool = False) -> int:
         """Learner rank 0 -> every engine. Engines start receiving first (no deadlock either way:
-        the group exists already; both sides block until everyone has joined this broadcast)."""
-        version = self.weight_version + 1
-        receiving = [w.receive_weights.remote(version) for w in self.rollouts]
+        the group exists already; both sides block until everyone has joined this broadcast).
+        restoring: after a resume, engines at the base model take the checkpoint's version."""
+        receiving = [w.receive_weights.remote(version, restoring=restoring) for w in self.rollouts]
         sending = [l.broadcast_weights.remote(version) for l in self.learners]
         ray.get(receiving + sending)
         self.weight_version = version
@@ -112,8 +118,15 @@ class Roles:
         receive a full send next."""
         _form_weight_group(cfg, self)
 
-    def save_hf(self, path: str, tokenizer_path: str) -> str:
-        return ray.get([l.save_hf.remote(path, tokenizer_path) for l in self.learners])[0]
+    def save_hf(self, path: str, tokenizer_path: str, generation: dict | None = None) -> str:
+        return ray.get([l.save_hf.remote(path, tokenizer_path, generation) for l in self.learners])[0]
+
+    def save_checkpoint(self, path: str, *, tokenizer_path: str, generation: dict) -> None:
+        ray.get([l.save_checkpoint.remote(path, tokenizer_path=tokenizer_path, generation=generation)
+                 for l in self.learners])
+
+    def load_checkpoint(self, path: str) -> None:
+        ray.get([l.load_checkpoint.remote(path) for l in self.learners])
 
     def shutdown(self) -> None:
         self.reward_pool.close()
@@ -127,6 +140,7 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
                 judge_base_url: str, run_name: str, output_dir: str) -> Roles:
     """Actors are named "{run_name}/{role}-{i}" in the "polaris" namespace: two runs on one
     cluster never collide, and a second run into the same output folder is refused by Ray."""
+    _wait_until_released(f"{run_name}/learner-0", output_dir)
     threads = _threads(cfg)
     gpu = 1 if cfg.trainer.device == "cuda" else 0
     settings = LearnerSettings(
@@ -166,6 +180,21 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     roles = Roles(learners, rollouts, reward_workers, limiter, pool, placement=placement)
     _form_weight_group(cfg, roles)
     return roles
+
+
+def _wait_until_released(name: str, output_dir: str, timeout_s: float = 60.0) -> None:
+    """A run resumed right after its driver was killed finds its actors' names still taken until
+    Ray notices the death (seconds); a live run into the same folder keeps them: refused."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        if time.monotonic() > deadline:
+            raise EnvironmentSetupError(f"another run on this cluster is writing trainer.output_dir={output_dir} "
+                                        f"(its actor {name!r} is alive); stop it or choose another output_dir")
+        time.sleep(0.5)
 
 
 def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_dir: str):

@@ -19,3 +19,7 @@ class EnvironmentSetupError(PolarisError):
 
 class JudgeError(PolarisError):
     """The judge cannot be reached or answers nonsense at start-up."""
+
+
+class CheckpointError(PolarisError):
+    """A checkpoint folder is missing, incomplete, or does not fit this run."""

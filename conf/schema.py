@@ -10,11 +10,14 @@ class TrainerConfig:
     total_steps: int = 160
     output_dir: str = "outputs/polaris"
     seed: int = 42
-    save_every: int = 5
+    save_every: int = 5  # checkpoint every k steps (0: only at the end and on SIGTERM)
+    keep_checkpoints: int = 2  # the newest k complete checkpoints are kept (0 = all)
+    resume: str = "auto"  # auto: from output_dir's latest complete checkpoint if any | never | a checkpoint folder
     eval_every: int = 20
     device: str = "cuda"  # cpu | cuda
     gpu_memory_gib: float = 80.0  # for the memory plan when no GPU is visible (the original run: A100 80GB)
     wandb_project: str = "polaris-rl"
+    wandb_samples: int = 4  # stories per step in the W&B samples table (0 = none)
     progress_bar: bool = True
 
 

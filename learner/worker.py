@@ -154,6 +154,23 @@ def behaviour_logprobs(rows: list[TrainRow], learner_logprobs: torch.Tensor,
     return behaviour, off_policy
 
 
+def generation_config(model_config, generation: dict, defaults=None):
+    """A transformers GenerationConfig of the run's sampling settings (temperature, top_p, top_k,
+    repetition_penalty, max_new_tokens, ...): sampling on, with the stop and pad token ids of the
+    model's own generation config (`defaults`) or else of its config."""
+    from transformers import GenerationConfig
+
+    settings = dict(generation)
+    if "top_k" in settings:  # the run's top_k <= 0 means off; 0 means off to transformers and vLLM
+        settings["top_k"] = max(int(settings["top_k"]), 0)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(defaults, key, None)
+        value = getattr(model_config, key, None) if value is None else value
+        if value is not None:
+            settings.setdefault(key, value)
+    return GenerationConfig(do_sample=True, **settings)
+
+
 class LearnerWorker:
     def __init__(self, settings: LearnerSettings, rank: int, world_size: int, master_addr: str, master_port: int,
                  *, num_threads: int = 0):
@@ -327,14 +344,58 @@ class LearnerWorker:
             for _ in weights:
                 pass
 
-    def save_hf(self, path: str, tokenizer_path: str) -> str:
-        """The policy as a Hugging Face folder (safetensors + tokenizer)."""
+    # --- checkpoints and export (every rank) ---
+    def save_checkpoint(self, path: str, *, tokenizer_path: str, generation: dict) -> None:
+        """This rank's part of the checkpoint folder `path` (actors/checkpoint.py): every rank writes
+        its DeepSpeed shard (weights, optimizer state, RNG) under learner/; rank 0 also writes
+        hf_meta/ (config, tokenizer, generation config), which learner/export.py needs."""
         from transformers import AutoTokenizer
 
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.engine.save_checkpoint(str(Path(path) / "learner"), tag="ds", save_latest=False,
+                                    client_state={"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng})
+        if self.rank == 0:
+            meta = Path(path) / "hf_meta"
+            self.policy.config.save_pretrained(meta)
+            AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(meta)
+            generation_config(self.policy.config, generation, self.policy.generation_config).save_pretrained(meta)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Weights, optimizer state and RNG from checkpoint folder `path` (a fresh worker: under
+        ZeRO-3 DeepSpeed cannot load into an engine that has already saved)."""
+        from conf.errors import CheckpointError
+
+        learner_dir = Path(path) / "learner"
+        if not (learner_dir / "ds").is_dir():  # DeepSpeed would fail an assert with no path in it
+            raise CheckpointError(f"{path} holds no learner checkpoint (learner/ds is missing)")
+        loaded, client_state = self.engine.load_checkpoint(str(learner_dir), tag="ds", load_optimizer_states=True,
+                                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load the learner checkpoint in {learner_dir} "
+                                  "(missing or incomplete files)")
+        torch.set_rng_state(client_state["torch_rng"])
+        if self.device.type == "cuda" and client_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(client_state["cuda_rng"], self.device)
+
+    def save_hf(self, path: str, tokenizer_path: str, generation: dict | None = None) -> str:
+        """The policy as a Hugging Face folder (safetensors + tokenizer, and generation_config.json
+        with the given sampling settings). Every rank calls it: ZeRO-3 gathers collectively."""
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        state = None
+        if self.s.zero_stage == 3:  # the module holds empty partitions: gather one parameter at a time
+            state = {}  # a tied head once, under its embedding's name, as save_pretrained stores it
+            for name, param in self.policy.named_parameters():
+                with deepspeed.zero.GatheredParameters([param]):
+                    if self.rank == 0:
+                        state[name] = param.detach().cpu().clone()
         if self.rank == 0:
             Path(path).mkdir(parents=True, exist_ok=True)
-            self.policy.save_pretrained(path, safe_serialization=True)
+            self.policy.save_pretrained(path, state_dict=state)
             AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+            if generation is not None:
+                generation_config(self.policy.config, generation, self.policy.generation_config).save_pretrained(path)
         return path
 
     def call(self, fn, *args):

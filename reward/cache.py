@@ -11,6 +11,7 @@ import hashlib
 import json
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 from conf.errors import DataError
@@ -46,6 +47,11 @@ class JudgeCache:
                          (key, json.dumps(judgment.scores), json.dumps(judgment.evidence), input_tokens,
                           output_tokens, time.time()))
         self._db.commit()
+
+    def backup(self, destination: str | Path) -> None:
+        """A consistent copy (SQLite's online backup), e.g. into a checkpoint."""
+        with closing(sqlite3.connect(destination)) as out:
+            self._db.backup(out)
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]

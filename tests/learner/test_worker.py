@@ -4,8 +4,6 @@ not, with the optimizer state offloaded or not. Rows sampled by older weights ar
 towards the engine that sampled them; on-policy rows get a weight of exactly 1."""
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -13,13 +11,10 @@ from transformers import AutoTokenizer
 
 from actors.coordinator import ChatCodec
 from actors.data import PromptRecord
-from cluster.netutil import free_port
 from cluster.roles import start_roles
 from conf import load_config
 from learner.grpo import truncated_importance_weights
 from learner.worker import (
-    LearnerSettings,
-    LearnerWorker,
     TrainBatch,
     TrainRow,
     behaviour_logprobs,
@@ -29,30 +24,6 @@ from learner.worker import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def settings(model_path: str = "unused", **overrides) -> LearnerSettings:
-    base = {"model_path": model_path, "dtype": "float32", "device": "cpu", "zero_stage": 1, "lr": 1e-3,
-            "weight_decay": 0.0, "betas": (0.9, 0.999), "grad_clip": 1.0, "micro_batch_size": 2,
-            "gradient_checkpointing": False, "clip_low": 0.2, "clip_high": 0.28, "temperature": 0.8,
-            "pad_token_id": 0, "seed": 0}
-    return LearnerSettings(**{**base, **overrides})
-
-
-@pytest.fixture(scope="module")
-def build_worker(tiny_model_path):
-    """One-rank learners in this process. They share one gloo group (created by the first); it and
-    the environment LearnerWorker sets are undone when the module ends."""
-    saved_env = dict(os.environ)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # DeepSpeed builds a C++ op on CPU; the venv's ninja (as the Ray roles use) keeps its build cached
-    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
-    port = free_port()
-    yield lambda **overrides: LearnerWorker(settings(tiny_model_path, **overrides), 0, 1, "127.0.0.1", port)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved_env)
 
 
 def random_rows(response_lengths, advantages, seed=0) -> tuple[TrainRow, ...]:
@@ -68,7 +39,8 @@ def with_engine_logprobs(row: TrainRow, logprobs, policy_lag: int) -> TrainRow:
 
 # --- configuration ---
 
-def test_offload_is_refused_where_the_zero_stage_cannot_do_it():
+def test_offload_is_refused_where_the_zero_stage_cannot_do_it(learner_settings):
+    settings = learner_settings
     with pytest.raises(ValueError, match="learner.offload_optimizer"):
         deepspeed_config(settings(zero_stage=0, offload_optimizer=True))
     with pytest.raises(ValueError, match="learner.offload_params"):

@@ -1,0 +1,161 @@
+"""Where checkpoints live and how one becomes complete.
+
+    <output_dir>/checkpoints/step_000003/   3 steps done (0, 1, 2): a resume starts at step 3
+        learner/          DeepSpeed checkpoint (every rank writes its shard; tag "ds")
+        hf_meta/          the model's config, tokenizer and generation config (for the export)
+        judge_cache.sqlite  a consistent copy of the run's judge cache
+        in_flight.pkl     a generated step not yet trained (max_staleness 1; a stop mid-judging)
+        state.json        the coordinator: step, data cursor, RNG states, weight version, ...
+
+A checkpoint is written under step_000003.partial and renamed when everything is in it: a
+directory without the suffix is complete (rename is atomic on one filesystem), and a crash
+mid-write leaves only a .partial folder that nothing reads and the next save replaces.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from conf.errors import ConfigError
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+CACHE_FILE = "judge_cache.sqlite"
+IN_FLIGHT_FILE = "in_flight.pkl"
+_NAME = re.compile(r"^step_(\d{6,})$")
+
+
+def step_dir(output_dir: str | Path, steps_done: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step_{steps_done:06d}"
+
+
+def is_complete(path: str | Path) -> bool:
+    path = Path(path)
+    return bool(_NAME.match(path.name)) and (path / STATE_FILE).is_file()
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def steps_done(path: str | Path) -> int:
+    match = _NAME.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint folder (step_NNNNNN)")
+    return int(match.group(1))
+
+
+def begin(output_dir: str | Path, steps: int) -> Path:
+    """A fresh .partial folder to write checkpoint `steps` into."""
+    partial = step_dir(output_dir, steps).with_name(step_dir(output_dir, steps).name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def commit(partial: Path) -> Path:
+    """Publish a fully written .partial folder under its final name (replacing an older one)."""
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    if final.exists():  # the same step saved again (a resumed run re-reached it)
+        stale = final.with_name(final.name + ".stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+        shutil.rmtree(stale)
+    partial.rename(final)
+    return final
+
+
+def prune(output_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (0 = keep all)."""
+    if keep <= 0:
+        return
+    for old in complete_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """The coordinator's part; written last, so its presence marks a fully written folder."""
+    tmp = folder / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def read_state(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint a run continues from (trainer.resume), or None for a fresh start.
+    Refuses, before anything starts, what would mix two runs in one output folder."""
+    output_dir = Path(output_dir)
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    if resume == "never":
+        if latest_checkpoint(output_dir) is not None or (output_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"trainer.resume=never but {output_dir} holds a run (metrics.jsonl or checkpoints); "
+                              "continue it with trainer.resume=auto or choose another trainer.output_dir")
+        return None
+    path = Path(resume)
+    if not is_complete(path):
+        raise ConfigError(f"trainer.resume={resume!r}: not a complete checkpoint folder (step_NNNNNN with "
+                          f"{STATE_FILE}); use auto, never, or a folder under <output_dir>/{CHECKPOINTS}/")
+    return path
+
+
+def rewind_outputs(output_dir: str | Path, steps: int) -> list[str]:
+    """Make the run's logs end where the checkpoint does: metrics.jsonl keeps steps < `steps`,
+    rollouts of later steps are removed (the resumed run writes them again). Returns what changed."""
+    output_dir, changed = Path(output_dir), []
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.exists():
+        lines = metrics.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] < steps]
+        if len(kept) != len(lines):
+            tmp = metrics.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, metrics)
+            changed.append(f"metrics.jsonl: {len(lines) - len(kept)} row(s) after step {steps - 1} dropped")
+    for path in sorted((output_dir / "rollouts").glob("step_*.jsonl")):
+        if int(path.stem.split("_")[1]) >= steps:
+            path.unlink()
+            changed.append(f"rollouts/{path.name} removed")
+    return changed
+
+
+def prepare_resume(cfg, output_dir: Path) -> tuple[Path | None, dict | None]:
+    """Before anything starts: the checkpoint to continue from (trainer.resume) and its state,
+    refused if it belongs to a different model or learner layout; the run's logs rewound to it
+    and its judge cache restored if the run's own is gone."""
+    folder = resolve_resume(cfg.trainer.resume, output_dir)
+    if folder is None:
+        return None, None
+    state = read_state(folder)
+    saved, now = state["run"], {"model_path": cfg.model.path, "world_size": cfg.learner.world_size,
+                                "zero_stage": cfg.learner.zero_stage}
+    keys = {"model_path": "model.path", "world_size": "learner.world_size", "zero_stage": "learner.zero_stage"}
+    for name, key in keys.items():
+        if saved[name] != now[name]:
+            raise ConfigError(f"config key '{key}': {now[name]!r} differs from the checkpoint's {saved[name]!r} "
+                              f"({folder}); resume with the same value or start a new trainer.output_dir")
+    for line in rewind_outputs(output_dir, state["steps_done"]):
+        print(f"resume: {line}")
+    cache = Path(cfg.judge.cache_path or Path(output_dir) / CACHE_FILE)
+    if cfg.judge.cache and not cache.exists() and (folder / CACHE_FILE).exists():
+        shutil.copyfile(folder / CACHE_FILE, cache)
+        print(f"resume: judge cache restored from {folder / CACHE_FILE}")
+    print(f"resume: from {folder} (step {state['steps_done']}, weight version {state['weight_version']})")
+    return folder, state
