@@ -140,7 +140,9 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
                 judge_base_url: str, run_name: str, output_dir: str) -> Roles:
     """Actors are named "{run_name}/{role}-{i}" in the "polaris" namespace: two runs on one
     cluster never collide, and a second run into the same output folder is refused by Ray."""
-    _wait_until_released(f"{run_name}/learner-0", output_dir)
+    names = [f"{run_name}/{role}-{i}" for role, n in (("learner", cfg.learner.world_size),
+             ("rollout", cfg.rollout.num_engines), ("reward", cfg.judge.num_workers)) for i in range(n)]
+    _wait_until_released([*names, f"{run_name}/judge-limiter"], output_dir)
     threads = _threads(cfg)
     gpu = 1 if cfg.trainer.device == "cuda" else 0
     settings = LearnerSettings(
@@ -182,19 +184,20 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     return roles
 
 
-def _wait_until_released(name: str, output_dir: str, timeout_s: float = 60.0) -> None:
+def _wait_until_released(names: list[str], output_dir: str, timeout_s: float = 60.0) -> None:
     """A run resumed right after its driver was killed finds its actors' names still taken until
     Ray notices the death (seconds); a live run into the same folder keeps them: refused."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            return
-        if time.monotonic() > deadline:
-            raise EnvironmentSetupError(f"another run on this cluster is writing trainer.output_dir={output_dir} "
-                                        f"(its actor {name!r} is alive); stop it or choose another output_dir")
-        time.sleep(0.5)
+    for name in names:
+        while True:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            if time.monotonic() > deadline:
+                raise EnvironmentSetupError(f"another run on this cluster is writing trainer.output_dir={output_dir} "
+                                            f"(its actor {name!r} is alive); stop it or choose another output_dir")
+            time.sleep(0.5)
 
 
 def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_dir: str):
