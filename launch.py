@@ -64,7 +64,7 @@ def build_or_find_model(cfg: Config) -> str:
     return str(build_tiny_model(cfg.model.tiny.cache_dir or None, seed=cfg.model.tiny.seed))
 
 
-def train(cfg: Config) -> Path:
+def train(cfg: Config) -> Path | None:
     from omegaconf import OmegaConf
 
     from actors.checkpoint import prepare_resume

@@ -136,6 +136,12 @@ def rewind_outputs(output_dir: str | Path, steps: int) -> list[str]:
     return changed
 
 
+def run_identity(cfg) -> dict:
+    """The config keys a checkpoint is bound to: another model or learner layout cannot load it."""
+    return {"model.path": cfg.model.path, "learner.world_size": cfg.learner.world_size,
+            "learner.zero_stage": cfg.learner.zero_stage}
+
+
 def prepare_resume(cfg, output_dir: Path) -> tuple[Path | None, dict | None]:
     """Before anything starts: the checkpoint to continue from (trainer.resume) and its state,
     refused if it belongs to a different model or learner layout; the run's logs rewound to it
@@ -144,12 +150,9 @@ def prepare_resume(cfg, output_dir: Path) -> tuple[Path | None, dict | None]:
     if folder is None:
         return None, None
     state = read_state(folder)
-    saved, now = state["run"], {"model_path": cfg.model.path, "world_size": cfg.learner.world_size,
-                                "zero_stage": cfg.learner.zero_stage}
-    keys = {"model_path": "model.path", "world_size": "learner.world_size", "zero_stage": "learner.zero_stage"}
-    for name, key in keys.items():
-        if saved[name] != now[name]:
-            raise ConfigError(f"config key '{key}': {now[name]!r} differs from the checkpoint's {saved[name]!r} "
+    for key, value in run_identity(cfg).items():
+        if state["run"][key] != value:
+            raise ConfigError(f"config key '{key}': {value!r} differs from the checkpoint's {state['run'][key]!r} "
                               f"({folder}); resume with the same value or start a new trainer.output_dir")
     for line in rewind_outputs(output_dir, state["steps_done"]):
         print(f"resume: {line}")

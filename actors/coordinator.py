@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import pickle
 import random
@@ -87,7 +88,7 @@ class Coordinator:
         self.rollout_log = RolloutLog(output_dir)
         self._last_step_usd = 0.0
         self.stop_requested: str | None = None  # set by a signal handler: SIGTERM, SIGINT
-        self._sampler_before: dict[int, dict] = {}  # the data cursor before each launched step
+        self._sampler_before: dict[int, dict] = {}
         self._saved_at: int | None = None
         self.model_path = model_path
 
@@ -168,6 +169,8 @@ class Coordinator:
                 self.stop_reason += f"; stopped before step {step}"
                 return None
         cfg = self.cfg
+        # the data cursor before each step in flight (at most two), for a checkpoint that drops them
+        self._sampler_before = {k: v for k, v in self._sampler_before.items() if k >= step - 1}
         self._sampler_before[step] = self.sampler.state_dict()
         prompts = restore["prompts"] if restore else self.sampler.next_batch()
         ref_weight = self.reference_weight(step)
@@ -261,12 +264,11 @@ class Coordinator:
 
     def sample_table(self, inflight: InFlightStep) -> list[dict]:
         """A few of the step's judged stories for the W&B table: the first samples of its first prompts."""
-        rows = []
+        rows, targets = [], {p.uid: p for p in inflight.prompts}
         for row in sorted(inflight.policy, key=lambda r: (r.sample.sample_index, r.sample.uid)):
             if len(rows) == self.cfg.trainer.wandb_samples:
                 break
-            scored, prompt = row.scored.result(), next(p for p in inflight.prompts if p.uid == row.sample.uid)
-            reward = scored.reward
+            prompt, reward = targets[row.sample.uid], row.scored.result().reward
             rows.append({"step": inflight.step, "uid": row.sample.uid, "sample": row.sample.sample_index,
                          "target_words": prompt.target_words, "words": reward.word_count if reward else None,
                          "tokens": len(row.tokens.ids), "judge_score": reward.score if reward else None,
@@ -275,9 +277,7 @@ class Coordinator:
 
     # --- checkpoints (actors/checkpoint.py has the layout) ---
     def recommended_sampling(self) -> dict:
-        s = self.cfg.rollout.val_sampling
-        return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-                "repetition_penalty": s.repetition_penalty, "max_new_tokens": s.max_new_tokens}
+        return dataclasses.asdict(self.cfg.rollout.val_sampling)
 
     def save_checkpoint(self, steps_done: int, in_flight: InFlightStep | None = None, updates_unsent: int = 0) -> Path:
         """Everything a resume needs to continue exactly: learner (DeepSpeed), judge cache,
@@ -306,8 +306,7 @@ class Coordinator:
             "wandb_run_id": self.tracker.run_id,
             "judge": {"total_usd": pool.total_usd, "last_step_usd": self._last_step_usd},
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state().tolist()},
-            "run": {"model_path": self.cfg.model.path, "world_size": self.cfg.learner.world_size,
-                    "zero_stage": self.cfg.learner.zero_stage},
+            "run": checkpoint.run_identity(self.cfg),
         })
         final = checkpoint.commit(partial)
         checkpoint.prune(self.output_dir, self.cfg.trainer.keep_checkpoints)

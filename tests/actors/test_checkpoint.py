@@ -11,8 +11,8 @@ from conf import ConfigError, load_config
 def write_checkpoint(out, steps, **state):
     partial = checkpoint.begin(out, steps)
     (partial / "learner").mkdir()
-    checkpoint.write_state(partial, {"steps_done": steps, "weight_version": steps, "run": {
-        "model_path": "tiny", "world_size": 1, "zero_stage": 1}, **state})
+    checkpoint.write_state(partial, {"steps_done": steps, "weight_version": steps, "run": checkpoint.run_identity(
+        load_config(["model.path=tiny", "learner.world_size=1", "learner.zero_stage=1"])), **state})
     return checkpoint.commit(partial)
 
 
