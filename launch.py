@@ -1,6 +1,7 @@
 """polaris-rl: GRPO (+ human reference injection) with an LLM judge, on Ray.
 
     python launch.py [conf=NAME] [key.sub=value ...]          # default conf=tiny: CPU, tiny model
+    python launch.py conf=NAME mode=eval eval.checkpoint=HF_FOLDER [eval.compare=HF_FOLDER2]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python launch.py conf=polaris
 """
 from __future__ import annotations
@@ -9,15 +10,17 @@ import os
 import sys
 from pathlib import Path
 
-from conf import Config, PolarisError, load_config, to_yaml
+from conf import Config, PolarisError, load_config, resolve_path, to_yaml
 
 def check_inputs(cfg: Config):
-    """Data and environment checks: seconds, before any model, engine, judge call or Ray."""
+    """Data and environment checks: seconds, before any model, engine, judge call or Ray.
+    Returns (training prompts, held-out prompts for the periodic validation or [])."""
     from actors.data import load_prompts
     from conf.errors import EnvironmentSetupError
 
-    train = load_prompts(resolve(cfg.data.train_path), require_reference=cfg.algorithm.hri.enable)
-    val = load_prompts(resolve(cfg.data.val_path), require_reference=False)
+    train = load_prompts(resolve_path(cfg.data.train_path), require_reference=cfg.algorithm.hri.enable)
+    val = load_prompts(resolve_path(cfg.data.val_path), require_reference=False)
+    held_out = load_prompts(resolve_path(cfg.eval.prompts_path), require_reference=False) if cfg.trainer.eval_every else []
     if cfg.judge.backend == "gemini" and not cfg.judge.vertex and not os.environ.get(cfg.judge.api_key_env):
         raise EnvironmentSetupError(f"judge.backend=gemini needs an API key in ${cfg.judge.api_key_env}")
     if cfg.trainer.device == "cuda":
@@ -29,31 +32,26 @@ def check_inputs(cfg: Config):
         if not torch.cuda.is_available():
             raise EnvironmentSetupError("trainer.device=cuda but no GPU is visible; use conf=tiny or trainer.device=cpu")
     print(f"checked: config, {len(train)} training prompts ({cfg.data.train_path}), "
-          f"{len(val)} validation prompts ({cfg.data.val_path})")
-    return train
+          f"{len(val)} validation prompts ({cfg.data.val_path})"
+          + (f", {len(held_out)} evaluation prompts ({cfg.eval.prompts_path})" if held_out else ""))
+    return train, held_out
 
 
-def prepare(cfg: Config):
-    """Inputs checked, the model found or built, prompts over the length limit dropped."""
+def prepare(cfg: Config, train, held_out):
+    """The model found or built, prompts over the length limit dropped."""
     from transformers import AutoTokenizer
 
     from actors.coordinator import ChatCodec
     from actors.data import filter_long_prompts
 
-    train = check_inputs(cfg)
     model_path = build_or_find_model(cfg)
-
     codec = ChatCodec(AutoTokenizer.from_pretrained(model_path), enable_thinking=cfg.model.enable_thinking,
                       max_new_tokens=cfg.rollout.sampling.max_new_tokens)
     train, too_long = filter_long_prompts(train, lambda r: len(codec.prompt_ids(r)), cfg.data.max_prompt_tokens)
     print(f"data: {len(train)} training prompts ({too_long} over {cfg.data.max_prompt_tokens} tokens dropped)")
-    return train, model_path, codec
-
-
-def resolve(path: str) -> str:
-    """Relative paths: the working directory first, then the project folder."""
-    here = Path(__file__).resolve().parent / path
-    return path if Path(path).exists() or not here.exists() else str(here)
+    if held_out:
+        held_out, _ = filter_long_prompts(held_out, lambda r: len(codec.prompt_ids(r)), cfg.data.max_prompt_tokens)
+    return model_path, codec, train, held_out
 
 
 def build_or_find_model(cfg: Config) -> str:
@@ -72,10 +70,12 @@ def train(cfg: Config) -> Path | None:
     from actors.data import PromptSampler
     from actors.tracking import Tracker
     from cluster.connect import connect_ray
-    from cluster.roles import start_roles
-    from reward.judge_server import LocalJudgeServer
+    from cluster.roles import judge_settings, start_roles
+    from eval.run import PeriodicValidation
+    from reward.judge_client import preflight
+    from reward.judge_server import judge_endpoint
 
-    prompts, model_path, codec = prepare(cfg)
+    prompts, held_out = check_inputs(cfg)
     output_dir = Path(cfg.trainer.output_dir)
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not output_dir.is_absolute():
         print(f"warning: trainer.output_dir={output_dir} is relative: under `ray job submit` it lands in Ray's "
@@ -85,31 +85,30 @@ def train(cfg: Config) -> Path | None:
         print(f"done already: {resume_from} is at step {state['steps_done']} of trainer.total_steps="
               f"{cfg.trainer.total_steps}; raise it to train further")
         return output_dir / "hf_model"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(to_yaml(cfg))  # keys live in the environment, never in config
-    judge_server = LocalJudgeServer.from_config(cfg.judge) if cfg.judge.backend == "local" else None
-    judge_url = judge_server.start() if judge_server else ""
-    connect_ray(cfg)
-    roles = start_roles(cfg, model_path=model_path, stop_token_ids=codec.stop_ids,
-                        pad_token_id=codec.tok.pad_token_id, judge_base_url=judge_url,
-                        run_name=output_dir.resolve().name, output_dir=str(output_dir))
-    roles.preflight_judge()
-
-    sampler = PromptSampler(prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)
-    tracker = Tracker(output_dir, project=cfg.trainer.wandb_project, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-                      total_steps=cfg.trainer.total_steps, start_step=state["steps_done"] if state else 0,
-                      progress_bar=cfg.trainer.progress_bar, run_id=state["wandb_run_id"] if state else None)
-    coordinator = Coordinator(cfg, roles, codec, sampler, tracker, output_dir, model_path)
-    try:
-        start_step, in_flight = coordinator.restore(resume_from) if resume_from else (0, None)
-        with stop_on_signals(coordinator):
-            stopped = coordinator.run(start_step, in_flight)
-        hf_path = None if coordinator.stop_requested else coordinator.export()
-    finally:
-        tracker.close()
-        roles.reward_pool.close()
-        if judge_server:
-            judge_server.stop()
+    with judge_endpoint(cfg.judge) as (judge_url, judge_server):
+        preflight(judge_settings(cfg.judge, judge_url))  # seconds, before any model is built or loaded
+        model_path, codec, prompts, held_out = prepare(cfg, prompts, held_out)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))  # keys live in the environment, never in config
+        connect_ray(cfg)
+        roles = start_roles(cfg, model_path=model_path, stop_token_ids=codec.stop_ids,
+                            pad_token_id=codec.tok.pad_token_id, judge_base_url=judge_url,
+                            run_name=output_dir.resolve().name, output_dir=str(output_dir))
+        sampler = PromptSampler(prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)
+        tracker = Tracker(output_dir, project=cfg.trainer.wandb_project,
+                          config=OmegaConf.to_container(OmegaConf.structured(cfg)), total_steps=cfg.trainer.total_steps,
+                          start_step=state["steps_done"] if state else 0, progress_bar=cfg.trainer.progress_bar,
+                          run_id=state["wandb_run_id"] if state else None)
+        validation = PeriodicValidation(cfg, roles, codec, held_out, output_dir, tracker) if held_out else None
+        coordinator = Coordinator(cfg, roles, codec, sampler, tracker, output_dir, model_path, validation)
+        try:
+            start_step, in_flight = coordinator.restore(resume_from) if resume_from else (0, None)
+            with stop_on_signals(coordinator):
+                stopped = coordinator.run(start_step, in_flight)
+            hf_path = None if coordinator.stop_requested else coordinator.export()
+        finally:
+            tracker.close()
+            roles.reward_pool.close()
     if stopped:
         print(f"stopped: {stopped}")
     if judge_server:
@@ -125,6 +124,10 @@ def main(argv: list[str]) -> int:
         cfg = load_config(argv)
         if cfg.mode == "check":
             check_inputs(cfg)
+        elif cfg.mode == "eval":
+            from eval.run import evaluate
+
+            evaluate(cfg)
         else:
             train(cfg)
     except PolarisError as exc:

@@ -117,22 +117,25 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def rewind_outputs(output_dir: str | Path, steps: int) -> list[str]:
-    """Make the run's logs end where the checkpoint does: metrics.jsonl keeps steps < `steps`,
-    rollouts of later steps are removed (the resumed run writes them again). Returns what changed."""
+    """Make the run's logs end where the checkpoint does: metrics.jsonl and validation.jsonl keep
+    steps < `steps`, rollouts and validation stories of later steps are removed (the resumed run writes them again). Returns what changed."""
     output_dir, changed = Path(output_dir), []
-    metrics = output_dir / "metrics.jsonl"
-    if metrics.exists():
-        lines = metrics.read_text().splitlines(keepends=True)
+    for name in ("metrics.jsonl", "validation.jsonl"):
+        log = output_dir / name
+        if not log.exists():
+            continue
+        lines = log.read_text().splitlines(keepends=True)
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] < steps]
         if len(kept) != len(lines):
-            tmp = metrics.with_suffix(".jsonl.tmp")
+            tmp = log.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(kept))
-            os.replace(tmp, metrics)
-            changed.append(f"metrics.jsonl: {len(lines) - len(kept)} row(s) after step {steps - 1} dropped")
-    for path in sorted((output_dir / "rollouts").glob("step_*.jsonl")):
-        if int(path.stem.split("_")[1]) >= steps:
-            path.unlink()
-            changed.append(f"rollouts/{path.name} removed")
+            os.replace(tmp, log)
+            changed.append(f"{name}: {len(lines) - len(kept)} row(s) after step {steps - 1} dropped")
+    for folder in ("rollouts", "validation"):
+        for path in sorted((output_dir / folder).glob("step_*.jsonl")):
+            if int(path.stem.split("_")[1]) >= steps:
+                path.unlink()
+                changed.append(f"{folder}/{path.name} removed")
     return changed
 
 

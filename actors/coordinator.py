@@ -22,6 +22,7 @@ from actors.groups import GroupRow, assemble_batch
 from actors.pipeline import InFlightStep, ReferenceRow, StopRequested, stream_rollouts
 from actors.rollout_log import RolloutLog
 from actors.tracking import Tracker
+from conf.errors import RoleLostError
 from cluster.roles import Roles
 from conf.schema import Config
 from learner.grpo import reference_weight
@@ -79,7 +80,7 @@ def sample_seed(seed: int, step: int, uid: str, index: int) -> int:
 
 class Coordinator:
     def __init__(self, cfg: Config, roles: Roles, codec: ChatCodec, sampler: PromptSampler, tracker: Tracker,
-                 output_dir: Path, model_path: str):
+                 output_dir: Path, model_path: str, validation=None):
         self.cfg, self.roles, self.codec, self.sampler, self.tracker = cfg, roles, codec, sampler, tracker
         self.output_dir = output_dir
         s = cfg.rollout.sampling
@@ -91,9 +92,20 @@ class Coordinator:
         self._sampler_before: dict[int, dict] = {}
         self._saved_at: int | None = None
         self.model_path = model_path
+        self.validation = validation  # eval.run.PeriodicValidation, or None
+        self.engine_restarts = 0
 
     def run(self, start_step: int = 0, restored: InFlightStep | None = None) -> str | None:
-        """Train to trainer.total_steps; returns why it stopped early (judge budget, a signal), or None.
+        """Train to trainer.total_steps; returns why it stopped early (judge budget, a signal), or
+        None. A learner rank that dies stops the run with RoleLostError (the last complete
+        checkpoint is what a resume starts from); an engine that dies is restarted (_generated)."""
+        try:
+            return self._run(start_step, restored)
+        except ray.exceptions.RayActorError as e:
+            raise self._role_lost(e) from None
+
+    def _run(self, start_step: int, restored: InFlightStep | None) -> str | None:
+        """The step loop.
 
         On-policy (max_staleness 0): launch step k, train it, sync, then launch step k+1.
         max_staleness 1: step k+1 is launched as soon as step k's generation is done, before
@@ -108,13 +120,13 @@ class Coordinator:
         while upcoming is not None:
             current, upcoming = upcoming, None
             try:
-                current.wait_generated(self._stopping)
+                current = self._generated(current)
                 upcoming = self.launch(current.step + 1) if overlap and current.step + 1 < total else None
                 if upcoming is not None and self.cfg.trainer.device == "cpu":
                     # one set of cores for every role: training while the engines generate only
                     # thrashes them (measured: generation 3.6 s -> 13.8 s), so on CPU the overlap is
                     # step k's judging with step k+1's generation, and step k+1's judging with training
-                    upcoming.wait_generated(self._stopping)
+                    upcoming = self._generated(upcoming)
                 current.wait_scored(self._stopping)
             except StopRequested:
                 self.save_checkpoint(current.step, in_flight=current)
@@ -123,18 +135,22 @@ class Coordinator:
             synced = True
             if upcoming is not None:
                 try:
-                    upcoming.wait_generated(self._stopping)
+                    upcoming = self._generated(upcoming)
                 except StopRequested:  # its generation is dropped; the resumed run redoes it
                     synced = False
             t_sync = time.perf_counter()
             if metrics["groups/rows_trained"] and synced:
-                self.roles.sync_weights()
+                self._sync()
             end = time.perf_counter()
             metrics.update(self.phase_times(current, metrics, iteration_start, t_sync, end))
+            metrics["rollout/engine_restarts"] = self.engine_restarts  # in the run so far
             self._last_step_usd = metrics["judge/spend_usd"]
             self.tracker.log_step(metrics, samples=self.sample_table(current))
             iteration_start = end
             steps_done = current.step + 1
+            if self.validation is not None and self.validation.due(steps_done):  # the engines are idle here
+                self.validation.run(current.step)
+                iteration_start = time.perf_counter()  # not in the next step's time
             every = self.cfg.trainer.save_every
             if self.stop_requested or (every and steps_done % every == 0):
                 self.save_checkpoint(steps_done, in_flight=upcoming if synced else None, updates_unsent=int(not synced))
@@ -145,6 +161,53 @@ class Coordinator:
             if upcoming is None and self._saved_at != steps_done:  # the end, or the judge budget
                 self.save_checkpoint(steps_done)
         return self.stop_reason
+
+    def _generated(self, inflight: InFlightStep) -> InFlightStep:
+        """Wait for the step's generation. An engine that crashed (its stream failed) or that Ray
+        restarted unnoticed (samples below the current weight version) is re-joined and re-synced
+        (Roles.recover_engines, version checked), and the step generated again: same prompts, same
+        seeds, so the judge cache answers what was already judged."""
+        for _ in range(self.cfg.rollout.max_engine_restarts + 1):
+            try:
+                inflight.wait_generated(self._stopping)
+                versions = {r.sample.weight_version for r in inflight.policy}
+                if inflight.replayed or versions <= {inflight.engine_version}:
+                    return inflight
+                reason = f"samples at weight version(s) {sorted(versions)}, not v{inflight.engine_version}"
+            except ray.exceptions.RayActorError as e:
+                if self.roles.dead_learners():
+                    raise
+                reason = f"{type(e).__name__}"
+            version = self.roles.recover_engines(self.cfg)
+            self.engine_restarts += 1
+            print(f"engine restart: step {inflight.step} lost its generation ({reason}); weight group re-formed, "
+                  f"v{version} re-sent to every engine and checked; generating step {inflight.step} again", flush=True)
+            inflight.on_scored = None  # its stories still being judged are not the step's: not logged
+            inflight = self.launch(inflight.step, restore={"prompts": inflight.prompts})
+        raise RoleLostError(f"step {inflight.step}: the engines failed {self.cfg.rollout.max_engine_restarts + 1} "
+                            f"times in a row (rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})")
+
+    def _sync(self) -> None:
+        """The learner's update to every engine; an engine that crashed meanwhile gets it on recovery."""
+        try:
+            self.roles.sync_weights()
+        except ray.exceptions.RayActorError:
+            if self.roles.dead_learners():
+                raise
+            version = self.roles.recover_engines(self.cfg, version=self.roles.weight_version + 1)
+            self.roles.weight_version = version
+            self.engine_restarts += 1
+            print(f"engine restart during the weight sync: weight group re-formed, v{version} sent and checked",
+                  flush=True)
+
+    def _role_lost(self, error: Exception) -> RoleLostError:
+        dead = self.roles.dead_learners()
+        what = f"learner rank(s) {dead} died" if dead else "an actor of the run failed for good"
+        complete = checkpoint.complete_checkpoints(self.output_dir)
+        latest = complete[-1] if complete else None
+        resume = (f"the last complete checkpoint is {latest}; run the same command to resume from it"
+                  if latest else "no checkpoint was written yet")
+        return RoleLostError(f"{what} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the run stops: {resume}")
 
     def _stopping(self) -> bool:
         if self.stop_requested and not self.stop_reason:
@@ -161,7 +224,8 @@ class Coordinator:
     def launch(self, step: int, restore: dict | None = None) -> InFlightStep | None:
         """Take the step's prompts and start its rollouts streaming into the judge; None when the
         judge budget would not cover another step. restore: a checkpoint's in-flight step (its
-        prompts and generated samples), sent to the judge again (the cache answers)."""
+        prompts and generated samples), sent to the judge again (the cache answers); or only the
+        prompts of a step whose generation was lost, generated again."""
         if restore is None:
             self.stop_reason = budget_stop_reason(self.roles.reward_pool.total_usd, self._last_step_usd,
                                                   self.cfg.judge.budget_usd)
@@ -171,14 +235,16 @@ class Coordinator:
         cfg = self.cfg
         # the data cursor before each step in flight (at most two), for a checkpoint that drops them
         self._sampler_before = {k: v for k, v in self._sampler_before.items() if k >= step - 1}
-        self._sampler_before[step] = self.sampler.state_dict()
+        self._sampler_before.setdefault(step, self.sampler.state_dict())  # not again for a regenerated step
         prompts = restore["prompts"] if restore else self.sampler.next_batch()
         ref_weight = self.reference_weight(step)
         n_policy = cfg.rollout.n - 1 if ref_weight > 0 else cfg.rollout.n
         prompt_ids = {p.uid: self.codec.prompt_ids(p) for p in prompts}
         requests = [(p.uid, i, prompt_ids[p.uid], sample_seed(cfg.trainer.seed, step, p.uid, i))
                     for p in prompts for i in range(n_policy)]
-        inflight = InFlightStep(step, prompts, prompt_ids, ref_weight, on_scored=self.rollout_log.record)
+        replay = restore is not None and "samples" in restore
+        inflight = InFlightStep(step, prompts, prompt_ids, ref_weight, on_scored=self.rollout_log.record, replayed=replay,
+                                engine_version=self.roles.weight_version)
         by_uid = {p.uid: p for p in prompts}
 
         def job_for(uid: str, tok: Tokenized, key: str) -> ScoringJob:
@@ -186,7 +252,7 @@ class Coordinator:
             return ScoringJob(key, p.prompt_text, tok.text, p.target_words, len(tok.ids), tok.story_start,
                               tok.truncated)
         references = [ReferenceRow(p, self.codec.reference(p), None) for p in prompts] if ref_weight > 0 else []
-        if restore:
+        if replay:
             streams = [[ray.put(restore["samples"])]]
         else:
             streams = self.roles.start_generation(requests, self.sampling, cfg.rollout.stream_chunk)
@@ -227,6 +293,7 @@ class Coordinator:
             "reward/self_rep_mean": _mean(r.self_rep for r in valid),
             "reward/length_penalty_mean": _mean(r.length_penalty for r in valid),
             "reward/blank_frac": _mean(r.blank for r in valid),
+            "reward/judge_addressed": _mean(r.judge_addressed for r in valid),
             "score/mean": _mean(r.score for r in valid),
             "length/ratio_mean": _mean(ratios),
             "length/words_mean": _mean(r.word_count for r in valid),

@@ -53,6 +53,8 @@ class InFlightStep:
     generated_at: float | None = None
     last_scored_at: float = 0.0
     on_scored: Callable[[int, object, ScoredSample], None] | None = None
+    replayed: bool = False  # samples from a checkpoint, not from the engines now
+    engine_version: int = 0  # the weight version the engines held when the step was launched
     policy: list[PolicyRow] = field(default_factory=list)
     references: list[ReferenceRow] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)

@@ -32,8 +32,7 @@ class Tracker:
     def log_step(self, metrics: dict, samples: list[dict] = ()) -> None:
         """samples: a few of the step's stories (dicts of equal keys) for the W&B table."""
         with open(self.metrics_path, "a") as f:  # appended as it happens: a crash loses nothing logged
-            f.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
-                                for k, v in metrics.items()}) + "\n")
+            f.write(json.dumps(_no_nan(metrics)) + "\n")
         self._live.publish(metrics)
         if self._wandb is not None:
             import wandb
@@ -45,6 +44,14 @@ class Tracker:
             self._to_wandb(lambda run: run.log({**metrics, **extra}, step=metrics["step"]))
         self._bar.write(step_summary(metrics))
         self._bar.update(1)
+
+    def log_validation(self, row: dict) -> None:
+        """A periodic validation (eval/run.py): validation.jsonl, W&B under val/, one console line."""
+        with open(self.output_dir / "validation.jsonl", "a") as f:
+            f.write(json.dumps(_no_nan(row)) + "\n")
+        step = row["step"]
+        self._to_wandb(lambda run: run.log({f"val/{k}": v for k, v in row.items() if k != "step"}, step=step))
+        self._bar.write(validation_summary(row))
 
     def close(self) -> None:
         self._bar.close()
@@ -65,6 +72,10 @@ class Tracker:
             print(f"W&B stopped answering ({type(e).__name__}: {e}); metrics go on to metrics.jsonl "
                   f"(`wandb sync {self.output_dir / 'wandb'}` uploads what it wrote)", flush=True)
             self._wandb = None
+
+
+def _no_nan(row: dict) -> dict:
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 _SECRET = re.compile(r"(api_?key|token|secret|password)$", re.IGNORECASE)
@@ -142,3 +153,14 @@ def step_summary(m: dict) -> str:
             f"| gen {m['time/generate']:.1f}s judge-tail {m['time/judge_tail']:.1f}s train {m['time/train']:.1f}s "
             f"sync {m['time/sync']:.2f}s = {m['time/step']:.1f}s | judge {m['judge/failed']} failed "
             f"${m['judge/spend_usd_total']:.3f} | v{m['weight_version']}")
+
+
+def validation_summary(row: dict) -> str:
+    def f(key: str) -> str:
+        v = row.get(key)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+    return (f"validation after step {row['step']}: quality id {f('quality/id')} near-ood {f('quality/near_ood')} "
+            f"far-ood {f('quality/far_ood')} all {f('quality/aggregate')} slope {f('quality/slope')}/bucket | "
+            f"length ratio id {row.get('length_ratio/id', float('nan')):.2f} | {row['count']} stories, "
+            f"{row['failed']} judge failures, {row['time_s']:.1f}s")

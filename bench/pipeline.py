@@ -55,6 +55,7 @@ PHASES = ("time/generate", "time/judge_tail", "time/train", "time/sync", "time/s
 
 def run(mode: str, steps: int, latency: tuple[float, float], extra: list[str], out: Path) -> list[dict]:
     args = [sys.executable, str(ROOT / "launch.py"), f"trainer.total_steps={steps}", f"trainer.output_dir={out}",
+            "trainer.eval_every=0",
             "trainer.progress_bar=false", "judge.cache=false", "judge.max_in_flight=64",
             f"judge.local.latency_min_s={latency[0]}",
             f"judge.local.latency_max_s={latency[1]}", *MODES[mode], *extra]

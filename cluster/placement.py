@@ -17,8 +17,8 @@ the GPU (27 GB each).
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def plan_placement(*, device: str, learner_world_size: int, num_engines: int, te
 
 @dataclass
 class Placement:
-    learner_group: object  # ray.util.placement_group.PlacementGroup
+    learner_group: object | None  # ray.util.placement_group.PlacementGroup; None: no learner (mode=eval)
     engine_group: object
 
     def learner(self, rank: int) -> dict:
@@ -51,8 +51,9 @@ class Placement:
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        remove_placement_group(self.learner_group)
-        remove_placement_group(self.engine_group)
+        for group in (self.learner_group, self.engine_group):
+            if group is not None:
+                remove_placement_group(group)
 
 
 def reserve(plan: PlacementPlan, *, name: str, timeout_s: float = 120.0) -> Placement:
@@ -62,10 +63,12 @@ def reserve(plan: PlacementPlan, *, name: str, timeout_s: float = 120.0) -> Plac
 
     from conf.errors import EnvironmentSetupError
 
-    learner = placement_group(plan.learner_bundles, strategy="PACK", name=f"{name}/learner")
+    learner = placement_group(plan.learner_bundles, strategy="PACK", name=f"{name}/learner") \
+        if plan.learner_bundles else None
     engines = placement_group(plan.engine_bundles, strategy="SPREAD", name=f"{name}/engines")
-    ready, _ = ray.wait([learner.ready(), engines.ready()], num_returns=2, timeout=timeout_s)
-    if len(ready) < 2:
+    groups = [g.ready() for g in (learner, engines) if g is not None]
+    ready, _ = ray.wait(groups, num_returns=len(groups), timeout=timeout_s)
+    if len(ready) < len(groups):
         raise EnvironmentSetupError(
             f"the cluster cannot place the run within {timeout_s:.0f}s: learner needs {plan.learner_bundles}, "
             f"engines need {plan.engine_bundles}; cluster has {ray.cluster_resources()}")

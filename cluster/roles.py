@@ -15,16 +15,17 @@ from actors.engine import SamplingParams
 from actors.rollout_worker import RolloutWorker, Sample
 from cluster.netutil import free_port
 from cluster.placement import Placement, balance_requests, plan_placement, reserve
-from conf.errors import EnvironmentSetupError
-from conf.schema import Config
+from cluster.transport import WeightSyncError
+from conf.errors import EnvironmentSetupError, RoleLostError
+from conf.schema import Config, JudgeConfig
 from learner.worker import LearnerSettings, LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
 from reward.cache import JudgeCache
 from reward.components import RewardParams
-from reward.judge_client import JudgeSettings, RetryPolicy
-from reward.limiter import LimiterService, RateLimits
+from reward.judge_client import JudgeSettings, RetryPolicy, Secret
+from reward.limiter import LimiterService, RateLimits, RemoteLimiter
 from reward.pool import RewardPool
 from reward.spend import Prices
-from reward.worker import RemoteLimiter, RewardWorker
+from reward.worker import RewardWorker
 
 NAMESPACE = "polaris"
 
@@ -88,9 +89,6 @@ class Roles:
         return {**self.reward_pool.take_metrics(), "judge/in_flight": limiter["in_flight"],
                 "judge/queue_depth": limiter["waiting"], "judge/requests_last_window": limiter["requests_in_window"]}
 
-    def preflight_judge(self) -> None:
-        ray.get(self.reward_workers[0].preflight.remote())
-
     # --- learner ---
     def train(self, batch: TrainBatch) -> dict[str, float]:
         return combine_rank_metrics(ray.get([l.train_step.remote(batch) for l in self.learners]))
@@ -110,6 +108,41 @@ class Roles:
         sending = [l.broadcast_weights.remote(version) for l in self.learners]
         ray.get(receiving + sending)
         self.weight_version = version
+        return version
+
+    def dead_learners(self) -> list[int]:
+        """Learner ranks whose actor is gone (learners are never restarted: their state is the run)."""
+        dead = []
+        for rank, learner in enumerate(self.learners):
+            try:
+                ray.get(learner.__ray_ready__.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(rank)
+        return dead
+
+    def recover_engines(self, cfg: Config, version: int | None = None, timeout_s: float = 600.0) -> int:
+        """After an engine actor crashed (Ray restarts it, up to rollout.max_engine_restarts): wait until
+        every engine answers, re-form the weight group (a torch group cannot swap a member), send the
+        learner's weights to every engine as `version` (default: the current one) and check that each
+        holds it before it serves again. Returns that version."""
+        version = self.weight_version if version is None else version
+        deadline = time.monotonic() + timeout_s
+        for i, engine in enumerate(self.rollouts):
+            while True:
+                try:
+                    ray.get(engine.identity.remote(), timeout=60)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                    if time.monotonic() > deadline:
+                        raise RoleLostError(f"rollout engine {i} did not come back within {timeout_s:.0f}s after a crash "
+                                            f"({type(e).__name__}; rollout.max_engine_restarts="
+                                            f"{cfg.rollout.max_engine_restarts})") from None
+                    time.sleep(1.0)
+        _form_weight_group(cfg, self)
+        self.push_weights(version, restoring=True)
+        held = ray.get([engine.get_weight_version.remote() for engine in self.rollouts])
+        if any(v != version for v in held):
+            raise WeightSyncError(f"after re-sending weights v{version} the engines hold {held}")
         return version
 
     def reform_weight_group(self, cfg: Config) -> None:
@@ -168,20 +201,44 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
         .remote(settings, r, world, *master, num_threads=threads)
         for r in range(world)
     ]
-    rollouts = [
+    rollouts = start_rollouts(cfg, model_path, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                              run_name=run_name, placement=placement)
+    limiter, reward_workers, pool = start_reward_pool(cfg, judge_base_url, run_name, output_dir)
+    roles = Roles(learners, rollouts, reward_workers, limiter, pool, placement=placement)
+    _form_weight_group(cfg, roles)
+    return roles
+
+
+def start_rollouts(cfg: Config, model_path: str, *, stop_token_ids: list[int], pad_token_id: int, run_name: str,
+                   placement: Placement) -> list:
+    gpu = 1 if cfg.trainer.device == "cuda" else 0
+    return [
         _RolloutActor.options(name=f"{run_name}/rollout-{i}", namespace=NAMESPACE, num_cpus=1,
-                              num_gpus=gpu * cfg.rollout.tensor_parallel_size, **placement.engine(i))
+                              num_gpus=gpu * cfg.rollout.tensor_parallel_size, max_restarts=cfg.rollout.max_engine_restarts,
+                              **placement.engine(i))
         .remote(cfg.rollout.engine, model_path, dtype=cfg.model.dtype, device=cfg.trainer.device,
-                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=threads,
+                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=_threads(cfg),
                 tensor_parallel_size=cfg.rollout.tensor_parallel_size, seed=cfg.trainer.seed,
                 max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.sampling.max_new_tokens,
                                                                cfg.rollout.val_sampling.max_new_tokens))
         for i in range(cfg.rollout.num_engines)
     ]
-    limiter, reward_workers, pool = start_reward_pool(cfg, judge_base_url, run_name, output_dir)
-    roles = Roles(learners, rollouts, reward_workers, limiter, pool, placement=placement)
-    _form_weight_group(cfg, roles)
-    return roles
+
+
+def start_eval_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_token_id: int,
+                     judge_base_url: str, run_name: str, output_dir: str) -> Roles:
+    """mode=eval: engines serving model_path and a reward pool on eval.judge (no learner)."""
+    names = [f"{run_name}/{role}-{i}" for role, n in (("rollout", cfg.rollout.num_engines),
+             ("reward", cfg.eval.judge.num_workers)) for i in range(n)]
+    _wait_until_released([*names, f"{run_name}/judge-limiter"], output_dir)
+    placement = reserve(plan_placement(device=cfg.trainer.device, learner_world_size=0,
+                                       num_engines=cfg.rollout.num_engines,
+                                       tensor_parallel_size=cfg.rollout.tensor_parallel_size), name=run_name)
+    rollouts = start_rollouts(cfg, model_path, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                              run_name=run_name, placement=placement)
+    limiter, reward_workers, pool = start_reward_pool(cfg, judge_base_url, run_name, output_dir, judge=cfg.eval.judge,
+                                                      evaluation=True)
+    return Roles([], rollouts, reward_workers, limiter, pool, placement=placement)
 
 
 def _wait_until_released(names: list[str], output_dir: str, timeout_s: float = 60.0) -> None:
@@ -200,26 +257,29 @@ def _wait_until_released(names: list[str], output_dir: str, timeout_s: float = 6
             time.sleep(0.5)
 
 
-def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_dir: str):
+def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_dir: str, *,
+                      judge: JudgeConfig | None = None, evaluation: bool = False):
     """One limiter actor (the project's rate limit), N async reward workers leasing from it, and
     the driver-side pool that batches stories to them. The workers are restarted if they die;
-    the pool re-sends their unanswered stories."""
-    j = cfg.judge
+    the pool re-sends their unanswered stories. judge: cfg.judge unless given (eval.judge)."""
+    j = judge or cfg.judge
     limits = RateLimits(rpm=j.rpm, burst=j.rpm_burst, input_tpm=j.input_tpm, max_in_flight=j.max_in_flight,
                         lease_ttl_s=j.timeout_s + 60)
     limiter_name = f"{run_name}/judge-limiter"
     limiter = _LimiterActor.options(name=limiter_name, namespace=NAMESPACE, num_cpus=0,
                                     max_concurrency=10_000).remote(limits)
-    settings = judge_settings(cfg, judge_base_url)
+    settings = judge_settings(j, judge_base_url, evaluation=evaluation)
+    secret = Secret.from_environment(settings)  # the driver's environment: workers may not share it
     workers = [
         _RewardActor.options(name=f"{run_name}/reward-{i}", namespace=NAMESPACE, num_cpus=0, max_restarts=3,
                              max_concurrency=10_000)
-        .remote(settings, reward_params(cfg, validation=False), RemoteLimiter(limiter_name, NAMESPACE))
+        .remote(settings, reward_params(cfg, validation=False), RemoteLimiter(limiter_name, NAMESPACE), secret)
         for i in range(j.num_workers)
     ]
     cache = None
     if j.cache:
-        cache = JudgeCache(j.cache_path or os.path.join(output_dir, "judge_cache.sqlite"))
+        default = "eval_judge_cache.sqlite" if evaluation else "judge_cache.sqlite"
+        cache = JudgeCache(j.cache_path or os.path.join(output_dir, default))
     pool = RewardPool(workers, cache_params=settings.cache_params(), cache=cache, batch_size=j.dispatch_batch,
                       prices=Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor),
                       flex=settings.flex)
@@ -240,14 +300,13 @@ def _form_weight_group(cfg: Config, roles: Roles) -> None:
     ray.get(joins)
 
 
-def judge_settings(cfg: Config, base_url: str) -> JudgeSettings:
-    j = cfg.judge
+def judge_settings(j: JudgeConfig, base_url: str, *, evaluation: bool = False) -> JudgeSettings:
     retry = RetryPolicy(max_attempts=j.max_attempts, backoff_s=j.backoff_s, max_backoff_s=j.max_backoff_s,
                         timeout_s=j.timeout_s, deadline_s=j.story_deadline_s)
     return JudgeSettings(backend=j.backend, model=j.model, base_url=base_url or j.base_url, api_key_env=j.api_key_env,
                          vertex=j.vertex, flex=j.service_tier == "flex", temperature=j.temperature, top_p=j.top_p,
                          seed=None if j.seed < 0 else j.seed, thinking_level=j.thinking_level,
-                         max_output_tokens=j.max_output_tokens or None, retry=retry)
+                         max_output_tokens=j.max_output_tokens or None, retry=retry, evaluation=evaluation)
 
 
 def reward_params(cfg: Config, *, validation: bool) -> RewardParams:
@@ -257,7 +316,7 @@ def reward_params(cfg: Config, *, validation: bool) -> RewardParams:
         min_target=r.length.min_target, lo_frac=r.length.lo_frac, lo_min=r.length.lo_min, lo_max=r.length.lo_max,
         hi_frac=r.length.hi_frac, hi_min=r.length.hi_min, hi_max=r.length.hi_max,
         min_visible_ratio=r.blank_min_visible_ratio, min_words=r.blank_min_words,
-        w_self_rep=w.self_rep, w_length=w.length, w_blank=w.blank,
+        w_self_rep=w.self_rep, w_length=w.length, w_blank=w.blank, w_judge_addressed=r.judge_addressed_penalty,
         think_budget=r.think_budget_tokens, think_penalty=r.think_overflow_penalty,
         trunc_start=r.truncation_start_tokens, trunc_scale=r.truncation_scale_tokens,
         clip=r.token_clip, score_mode=r.score_mode,

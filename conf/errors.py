@@ -23,3 +23,7 @@ class JudgeError(PolarisError):
 
 class CheckpointError(PolarisError):
     """A checkpoint folder is missing, incomplete, or does not fit this run."""
+
+
+class RoleLostError(PolarisError):
+    """A role's actor died and could not be replaced (a learner rank, an engine past its restarts)."""

@@ -36,6 +36,12 @@ def load_config(argv: Sequence[str]) -> Config:
     return config
 
 
+def resolve_path(path: str) -> str:
+    """A data path from config: relative to the working directory first, then to the project folder."""
+    here = CONF_DIR.parent / path
+    return path if Path(path).exists() or not here.exists() else str(here)
+
+
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
@@ -114,7 +120,7 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 def validate(c: Config) -> None:
     """Range and cross-field checks that types alone cannot express."""
-    _one_of(c.mode, "mode", ("train", "check"))
+    _one_of(c.mode, "mode", ("train", "check", "eval"))
     _check(c.trainer.total_steps >= 1, "trainer.total_steps", "must be >= 1")
     _check(c.trainer.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end and on SIGTERM)")
     _check(c.trainer.keep_checkpoints >= 0, "trainer.keep_checkpoints", "must be >= 0 (0 = keep all)")
@@ -138,6 +144,7 @@ def validate(c: Config) -> None:
     _check(c.rollout.tensor_parallel_size == 1 or c.rollout.engine == "vllm", "rollout.tensor_parallel_size",
            "> 1 needs rollout.engine=vllm (the hf engine runs on one device)")
     _check(c.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+    _check(c.rollout.max_engine_restarts >= 0, "rollout.max_engine_restarts", "must be >= 0")
     for name in ("sampling", "val_sampling"):
         s = getattr(c.rollout, name)
         _check(s.temperature > 0, f"rollout.{name}.temperature", "must be > 0")
@@ -173,21 +180,15 @@ def validate(c: Config) -> None:
     _check(r.token_clip > 0, "reward.token_clip", "must be > 0")
     _check(r.length.min_target >= 1, "reward.length.min_target", "must be >= 1")
     _check(0 <= r.blank_min_visible_ratio <= 1, "reward.blank_min_visible_ratio", "must be in [0, 1]")
-    _one_of(c.judge.backend, "judge.backend", ("local", "gemini", "openai"))
-    _one_of(c.judge.service_tier, "judge.service_tier", ("flex", "standard"))
-    j = c.judge
-    _one_of(j.thinking_level, "judge.thinking_level", ("minimal", "low", "medium", "high"))
-    for name in ("rpm", "rpm_burst", "input_tpm", "max_output_tokens", "budget_usd", "local.rpm_limit"):
-        _check(_get(j, name) >= 0, f"judge.{name}", "must be >= 0 (0 = none)")
-    for name in ("max_in_flight", "num_workers", "dispatch_batch", "max_attempts"):
-        _check(_get(j, name) >= 1, f"judge.{name}", "must be >= 1")
-    for name in ("timeout_s", "story_deadline_s", "backoff_s", "max_backoff_s"):
-        _check(_get(j, name) > 0, f"judge.{name}", "must be > 0")
-    for name in ("price.input_per_mtok", "price.output_per_mtok", "price.flex_factor", "local.latency_min_s"):
-        _check(_get(j, name) >= 0, f"judge.{name}", "must be >= 0")
-    _check(j.local.latency_max_s >= j.local.latency_min_s, "judge.local.latency_max_s",
-           f"({j.local.latency_max_s}) must be >= judge.local.latency_min_s ({j.local.latency_min_s})")
-    _check(0 <= j.local.fault_rate <= 1, "judge.local.fault_rate", "must be in [0, 1]")
+    _check(r.judge_addressed_penalty >= 0, "reward.judge_addressed_penalty", "must be >= 0")
+    _check_judge(c.judge, "judge")
+    _check_judge(c.eval.judge, "eval.judge")
+    e = c.eval
+    _check(e.length_scale > 0, "eval.length_scale", "must be > 0")
+    _check(e.subset_size >= 1, "eval.subset_size", "must be >= 1")
+    if c.mode == "eval":
+        _check(bool(e.checkpoint), "eval.checkpoint", "mode=eval needs the Hugging Face folder to evaluate "
+               "(eval.checkpoint=PATH; export a training checkpoint with `python -m learner.export`)")
     _one_of(c.weight_sync.backend, "weight_sync.backend", ("auto", "gloo", "nccl"))
     _check(c.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
     _check(
@@ -195,6 +196,23 @@ def validate(c: Config) -> None:
         "weight_sync.backend",
         "nccl needs trainer.device=cuda",
     )
+
+
+def _check_judge(j, at: str) -> None:
+    _one_of(j.backend, f"{at}.backend", ("local", "gemini", "openai"))
+    _one_of(j.service_tier, f"{at}.service_tier", ("flex", "standard"))
+    _one_of(j.thinking_level, f"{at}.thinking_level", ("minimal", "low", "medium", "high"))
+    for name in ("rpm", "rpm_burst", "input_tpm", "max_output_tokens", "budget_usd", "local.rpm_limit"):
+        _check(_get(j, name) >= 0, f"{at}.{name}", "must be >= 0 (0 = none)")
+    for name in ("max_in_flight", "num_workers", "dispatch_batch", "max_attempts"):
+        _check(_get(j, name) >= 1, f"{at}.{name}", "must be >= 1")
+    for name in ("timeout_s", "story_deadline_s", "backoff_s", "max_backoff_s"):
+        _check(_get(j, name) > 0, f"{at}.{name}", "must be > 0")
+    for name in ("price.input_per_mtok", "price.output_per_mtok", "price.flex_factor", "local.latency_min_s"):
+        _check(_get(j, name) >= 0, f"{at}.{name}", "must be >= 0")
+    _check(j.local.latency_max_s >= j.local.latency_min_s, f"{at}.local.latency_max_s",
+           f"({j.local.latency_max_s}) must be >= {at}.local.latency_min_s ({j.local.latency_min_s})")
+    _check(0 <= j.local.fault_rate <= 1, f"{at}.local.fault_rate", "must be in [0, 1]")
 
 
 def _get(node, dotted: str):

@@ -67,6 +67,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     max_staleness: int = 0  # 1: step k+1 generates while step k trains (rows one update old, TIS-corrected)
     stream_chunk: int = 0  # requests per engine call; each call's samples go to the judge at once; 0 = all
+    max_engine_restarts: int = 3  # a crashed engine is restarted by Ray, re-synced and its step regenerated
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_sampling: SamplingConfig = field(default_factory=_validation_sampling)
 
@@ -142,6 +143,7 @@ class RewardConfig:
     truncation_scale_tokens: int = 512
     token_clip: float = 2.0
     score_mode: str = "sum"  # sum | mean | last
+    judge_addressed_penalty: float = 1.0  # subtracted from the story scalar when it addresses the judge
 
 
 @dataclass
@@ -197,6 +199,27 @@ class JudgeConfig:
     local: LocalJudgeConfig = field(default_factory=LocalJudgeConfig)
 
 
+def _evaluation_judge() -> JudgeConfig:
+    """The paper's evaluation judge: GPT-5.4 through an OpenAI-compatible client, temperature 0.2, seed 42."""
+    return JudgeConfig(backend="openai", model="gpt-5.4", temperature=0.2, top_p=1.0, seed=42,
+                       service_tier="standard", api_key_env="OPENAI_API_KEY", rpm=500, input_tpm=0,
+                       max_attempts=4, timeout_s=600.0)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation by requested length (eval/): mode=eval on exported checkpoints, and the periodic
+    validation every trainer.eval_every steps (on a fixed subset of the same prompts, judged by the
+    training judge with the evaluation score)."""
+
+    checkpoint: str = ""  # mode=eval: an exported Hugging Face folder (python -m learner.export, a run's hf_model)
+    compare: str = ""  # mode=eval: a second such folder, evaluated alike, in the same table and figure
+    prompts_path: str = "data/polaris/test.parquet"  # the POLARIS test split (uid, prompt, target_word_count)
+    length_scale: float = 1.0  # bucket edges (1k..12k words) and the 50-word tolerance floor x this
+    subset_size: int = 36  # prompts in the periodic validation: a fixed subset spread over the buckets
+    judge: JudgeConfig = field(default_factory=_evaluation_judge)
+
+
 @dataclass
 class WeightSyncConfig:
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
@@ -205,7 +228,7 @@ class WeightSyncConfig:
 
 @dataclass
 class Config:
-    mode: str = "train"  # train | check (validate config, data and environment, then exit)
+    mode: str = "train"  # train | check (validate config, data and environment, then exit) | eval
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -215,3 +238,4 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

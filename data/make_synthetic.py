@@ -1,6 +1,7 @@
 """Write the tiny synthetic story data set (data/tiny/*.jsonl), deterministically.
 
-    python data/make_synthetic.py            # rewrites data/tiny/{train,val,corpus}.jsonl
+    python data/make_synthetic.py            # rewrites data/tiny/{train,val,corpus,test}.jsonl
+                                             # and data/synthetic/test.jsonl
 
 Every story is assembled from the word lists and sentence templates below (no copyrighted
 text). Rows follow the POLARIS release schema:
@@ -9,6 +10,11 @@ and every prompt ends with "The story should be approximately N words long."
 
 - train.jsonl / val.jsonl: RL prompts with targets uniform in 80..140 words; "story" is a
   human-reference stand-in written to about the target length (used by HRI).
+- test.jsonl: held-out prompts for evaluation by requested length (eval/), targets spread evenly
+  over the six buckets of eval/metrics.py at the tiny scale (eval.length_scale 0.035: 35..420
+  words; the training targets sit in the first two), no reference story (the POLARIS test split's
+  schema: uid, prompt, target_word_count). data/synthetic/test.jsonl is the same at full scale
+  (1,000..12,000 words) for a GPU run without the POLARIS test split.
 - corpus.jsonl: stories of 30..120 words for the tokenizer and the tiny model's warm-up.
   They are deliberately shorter on average than the RL targets, so the warmed-up policy
   under-shoots and the length reward has something to teach.
@@ -18,10 +24,18 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.metrics import bucket_edges  # noqa: E402
 
 SEED = 20261128
 OUT_DIR = Path(__file__).resolve().parent / "tiny"
+TEST_SETS = {  # path: (bucket scale, prompts per bucket)
+    OUT_DIR / "test.jsonl": (0.035, 4),
+    Path(__file__).resolve().parent / "synthetic" / "test.jsonl": (1.0, 8),
+}
 SPLITS = {  # name: (rows, min target words, max target words)
     "train": (256, 80, 140),
     "val": (32, 80, 140),
@@ -207,17 +221,39 @@ def make_row(rng: random.Random, split: str, index: int, lo: int, hi: int) -> di
     }
 
 
+def make_test_rows(rng: random.Random, name: str, scale: float, per_bucket: int) -> list[dict]:
+    """Targets uniform inside each bucket (the closed last edge included), prompts only."""
+    edges, rows = bucket_edges(scale), []
+    for b in range(len(edges) - 1):
+        lo, hi = round(edges[b]), round(edges[b + 1]) - (b < len(edges) - 2)
+        for _ in range(per_bucket):
+            cast, target = make_cast(rng), rng.randint(lo, hi)
+            prompt = rng.choice(PROMPTS).format(**cast) + f" The story should be approximately {target:,} words long."
+            rows.append({"uid": f"{name}-test-{len(rows):05d}", "prompt": prompt, "target_word_count": target})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for split, (n, lo, hi) in SPLITS.items():
         rng = random.Random(f"{SEED}-{split}")
         rows = [make_row(rng, split, i, lo, hi) for i in range(n)]
         path = OUT_DIR / f"{split}.jsonl"
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl(path, rows)
         mean = sum(words(r["story"]) for r in rows) / n
         print(f"{path}: {n} rows, mean story {mean:.1f} words, {path.stat().st_size} bytes")
+    for path, (scale, per_bucket) in TEST_SETS.items():
+        rows = make_test_rows(random.Random(f"{SEED}-test-{scale}"), "tiny" if scale < 1 else "synthetic", scale,
+                              per_bucket)
+        write_jsonl(path, rows)
+        print(f"{path}: {len(rows)} prompts, targets {rows[0]['target_word_count']}..{rows[-1]['target_word_count']}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """POLARIS reward components as pure functions (DESIGN.md section 2, "Reward per story").
 
 Flow for one response: split_thinking -> (judge sees the story and the prompt without its length
-sentence) -> sq = rubric/100 -> story_scalar(sq, self_repetition, length_penalty, blank_flag)
--> token_rewards -> sequence_score. score_response composes the story-side part of that.
-Stdlib only; no I/O.
+sentence) -> sq = rubric/100 -> story_scalar(sq, self_repetition, length_penalty, blank_flag,
+judge_addressed) -> token_rewards -> sequence_score. score_response composes the story-side part
+of that. Stdlib only (and the pure reward/addressing.py); no I/O.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+
+from reward.addressing import judge_addressed as _addressing_signals
 
 # "The story should be approximately 1,200 words long." -- the whole sentence, from just after
 # the previous sentence end (or line start) through its own full stop. Group 1 is the number.
@@ -123,8 +125,11 @@ def _repeat_fraction(items: list) -> float:
 
 
 def story_scalar(sq: float, self_rep: float, lp: float, blank: float, *, w_self_rep: float = 1.5,
-                 w_length: float = 0.8, w_blank: float = 1.0) -> float:
-    return sq - w_self_rep * self_rep - w_length * lp - w_blank * blank
+                 w_length: float = 0.8, w_blank: float = 1.0, judge_addressed: float = 0.0,
+                 w_judge_addressed: float = 1.0) -> float:
+    """judge_addressed: 1.0 when the story addresses its grader (reward/addressing.py), else 0.0."""
+    s = sq - w_self_rep * self_rep - w_length * lp - w_blank * blank
+    return s - w_judge_addressed * judge_addressed if judge_addressed else s
 
 
 def token_rewards(num_tokens: int, story_start: int, scalar: float, *, truncated: bool,
@@ -180,6 +185,7 @@ class RewardParams:
     w_self_rep: float = 1.5
     w_length: float = 0.8
     w_blank: float = 1.0
+    w_judge_addressed: float = 1.0  # subtracted from s when the story addresses the judge
     think_budget: int = 3072
     think_penalty: float = 0.05
     trunc_start: int = 7680
@@ -204,6 +210,7 @@ class RewardBreakdown:
     word_count: int
     target_words: int | None
     length_ratio: float | None  # word_count / target_words; None without a target
+    judge_addressed: float = 0.0  # 1.0: the story addresses its grader (reward/addressing.py)
 
 
 def score_response(sq: float, story: str, target_words: int | None, num_tokens: int,
@@ -218,12 +225,15 @@ def score_response(sq: float, story: str, target_words: int | None, num_tokens: 
         lo_max=p.lo_max, hi_frac=p.hi_frac, hi_min=p.hi_min, hi_max=p.hi_max)
     blank = blank_flag(story, min_visible_ratio=p.min_visible_ratio, min_words=p.min_words)
     rep = self_repetition(story).score
+    addressed = 1.0 if _addressing_signals(story) else 0.0
     s = story_scalar(sq, rep, lp, blank, w_self_rep=p.w_self_rep, w_length=p.w_length,
-                     w_blank=p.w_blank)
+                     w_blank=p.w_blank, judge_addressed=addressed,
+                     w_judge_addressed=p.w_judge_addressed)
     rewards = token_rewards(num_tokens, story_start, s, truncated=truncated,
                             think_budget=p.think_budget, think_penalty=p.think_penalty,
                             trunc_start=p.trunc_start, trunc_scale=p.trunc_scale, clip=p.clip)
     return RewardBreakdown(sq=sq, self_rep=rep, length_penalty=lp, blank=blank, scalar=s,
                            score=sequence_score(rewards, p.score_mode), word_count=wc,
                            target_words=target_words,
-                           length_ratio=wc / target_words if target_words else None)
+                           length_ratio=wc / target_words if target_words else None,
+                           judge_addressed=addressed)

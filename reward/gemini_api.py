@@ -37,6 +37,7 @@ class GeminiJudgeAPI:
         self._secret = api_key or ""
         self._thinking = types.ThinkingConfig(thinking_level=thinking_level.upper(), include_thoughts=False)
         self._sampling = {"temperature": temperature, "top_p": top_p, "max_output_tokens": max_output_tokens}
+        self._configs: dict[tuple[str, bool], types.GenerateContentConfig] = {}
         self._flex_client = self._client(api_key, project, location, flex=flex)
         self._standard_client = self._client(api_key, project, location, flex=False)
 
@@ -51,6 +52,14 @@ class GeminiJudgeAPI:
         return genai.Client(api_key=api_key, http_options=http)
 
     def _config(self, system_instruction: str, *, flex: bool) -> types.GenerateContentConfig:
+        """Built once per (rubric, tier): building the schema and config per request costs CPU
+        that the pipelined step takes from generation."""
+        key = (system_instruction, flex)
+        if key not in self._configs:
+            self._configs[key] = self._new_config(system_instruction, flex=flex)
+        return self._configs[key]
+
+    def _new_config(self, system_instruction: str, *, flex: bool) -> types.GenerateContentConfig:
         return types.GenerateContentConfig(
             system_instruction=system_instruction,
             thinking_config=self._thinking,

@@ -227,8 +227,24 @@ def api_key(s: JudgeSettings) -> str | None:
     return key
 
 
-def make_api(s: JudgeSettings) -> JudgeAPI:
-    key = api_key(s)
+@dataclass(frozen=True)
+class Secret:
+    """An API key on its way from the driver's environment to a reward worker (a worker on another
+    node, or in a cluster started before the key was exported, does not have it in its own
+    environment). Its repr never shows the value."""
+
+    value: str | None = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    @classmethod
+    def from_environment(cls, s: JudgeSettings) -> Secret:
+        return cls(api_key(s))
+
+
+def make_api(s: JudgeSettings, secret: Secret | None = None) -> JudgeAPI:
+    key = secret.value if secret is not None else api_key(s)
     if s.backend == "openai":
         from reward.openai_api import OpenAIJudgeAPI
 
@@ -242,5 +258,19 @@ def make_api(s: JudgeSettings) -> JudgeAPI:
                           max_output_tokens=s.max_output_tokens)
 
 
-def make_judge(s: JudgeSettings, limiter: Limiter | None = None) -> Judge:
-    return Judge(make_api(s), retry=s.retry, limiter=limiter, evaluation=s.evaluation)
+def make_judge(s: JudgeSettings, limiter: Limiter | None = None, secret: Secret | None = None) -> Judge:
+    """secret: the key read by the driver; None: read it from this process's environment."""
+    return Judge(make_api(s, secret), retry=s.retry, limiter=limiter, evaluation=s.evaluation)
+
+
+def preflight(settings: JudgeSettings, timeout_s: float = 60.0) -> None:
+    """Judge.preflight from this process (the driver, before any actor or model starts): one tiny
+    judgment on the standard tier; an unreachable or misconfigured judge fails in seconds."""
+    async def check() -> None:
+        judge = make_judge(settings)
+        try:
+            await judge.preflight(timeout_s)
+        finally:
+            await judge.aclose()
+
+    asyncio.run(check())

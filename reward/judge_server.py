@@ -27,6 +27,8 @@ until Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
+
 import argparse
 import asyncio
 import bisect
@@ -348,3 +350,18 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.contextmanager
+def judge_endpoint(judge):
+    """(base URL, server) for a conf.schema.JudgeConfig: backend=local starts the loopback server
+    here and stops it on exit; other backends use judge.base_url ("" = the service's default)."""
+    if judge.backend != "local":
+        yield judge.base_url, None
+        return
+    server = LocalJudgeServer.from_config(judge)
+    url = server.start()
+    try:
+        yield url, server
+    finally:
+        server.stop()

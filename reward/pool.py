@@ -30,6 +30,7 @@ class _Item:
     future: concurrent.futures.Future
     key: str | None = None  # cache key
     resubmits: int = 0
+    per_step: bool = True  # counted in take_metrics (validation stories are not; their spend is in the total)
 
 
 @dataclass
@@ -75,9 +76,11 @@ class RewardPool:
         self._loop.run_forever()
 
     # --- driver API ---
-    def submit(self, job: ScoringJob) -> concurrent.futures.Future:
+    def submit(self, job: ScoringJob, *, per_step: bool = True) -> concurrent.futures.Future:
+        """per_step=False: a story outside the training step (validation): its spend goes into the
+        run's total, not into the step's judge/* counters."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, _Item(job, future))
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, _Item(job, future, per_step=per_step))
         return future
 
     def score(self, jobs: list[ScoringJob]) -> list[ScoredSample]:
@@ -178,7 +181,8 @@ class RewardPool:
             self.cache.put(item.key, sample.judgment, sample.input_tokens, sample.output_tokens)
         usd = dollars(sample.input_tokens, sample.output_tokens, self.prices, flex=self.flex)
         with self._lock:
-            c = self._step
+            self.total_usd += usd
+            c = self._step if item.per_step else _Counters()
             c.stories += 1
             c.failed += not sample.valid
             c.cache_hits += sample.cached
@@ -187,7 +191,6 @@ class RewardPool:
             c.input_tokens += sample.input_tokens
             c.output_tokens += sample.output_tokens
             c.usd += usd
-            self.total_usd += usd
             if not sample.cached:
                 c.latencies.append(sample.latency_s)
                 c.waits.append(sample.wait_s)

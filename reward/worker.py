@@ -15,7 +15,7 @@ from reward.components import (
     split_thinking,
     strip_length_sentence,
 )
-from reward.judge_client import Judge, JudgeResult, JudgeSettings, Limiter, make_judge
+from reward.judge_client import Judge, JudgeResult, JudgeSettings, Limiter, Secret, make_judge
 from reward.rubric import Judgment
 
 
@@ -53,42 +53,18 @@ class ScoredSample:
         return self.reward is not None
 
 
-class RemoteLimiter:
-    """The named limiter actor as a Limiter. Found by name, so a restarted worker's constructor
-    arguments hold no actor handle. Releases are not awaited (nothing waits on them)."""
-
-    def __init__(self, name: str, namespace: str):
-        self.name, self.namespace = name, namespace
-        self._handle = None
-
-    @property
-    def handle(self):
-        if self._handle is None:
-            import ray
-
-            self._handle = ray.get_actor(self.name, namespace=self.namespace)
-        return self._handle
-
-    async def acquire(self, tokens: int = 0) -> int:
-        return await self.handle.acquire.remote(tokens)
-
-    def release(self, lease_id: int, actual_tokens: int | None = None) -> None:
-        self.handle.release.remote(lease_id, actual_tokens)
-
-    def __getstate__(self) -> dict:
-        return {"name": self.name, "namespace": self.namespace, "_handle": None}
-
-
 class RewardWorker:
-    def __init__(self, judge_settings: JudgeSettings, params: RewardParams, limiter: Limiter | None = None):
-        """limiter: RemoteLimiter(actor) in a pool; None: a private one with default limits."""
-        self.settings, self.params, self._limiter = judge_settings, params, limiter
+    def __init__(self, judge_settings: JudgeSettings, params: RewardParams, limiter: Limiter | None = None,
+                 secret: Secret | None = None):
+        """limiter: RemoteLimiter(actor) in a pool; None: a private one with default limits.
+        secret: the API key from the driver's environment; None: from this process's."""
+        self.settings, self.params, self._limiter, self._secret = judge_settings, params, limiter, secret
         self._judge: Judge | None = None
 
     @property
     def judge(self) -> Judge:
         if self._judge is None:  # built inside the actor's event loop, which its HTTP session binds to
-            self._judge = make_judge(self.settings, self._limiter)
+            self._judge = make_judge(self.settings, self._limiter, self._secret)
         return self._judge
 
     async def preflight(self) -> None:
@@ -122,5 +98,7 @@ class RewardWorker:
                             result.output_tokens, job.cached is not None, result.latency_s, result.wait_s)
 
     async def aclose(self) -> None:
+        if hasattr(self._limiter, "flush"):
+            self._limiter.flush()
         if self._judge is not None:
             await self._judge.aclose()

@@ -65,31 +65,38 @@ def bad_data_cases(tmp):
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
-def test_bad_training_file_stops_before_anything_starts(case, tmp_path):
-    name, path, words = bad_data_cases(tmp_path)[case]
-    proc, elapsed = run_launch([f"data.train_path={path}"], tmp_path)
-    assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
-    assert_one_error(proc.stderr, words)
-    assert elapsed < 30, f"{name}: took {elapsed:.1f}s"
-    assert not (tmp_path / "cache").exists(), "the tiny model must not be built before the data is valid"
-
-
-ENV_AND_CONFIG = [
-    (["judge.backend=gemini"], ["GEMINI_API_KEY"]),
-    (["trainer.device=cuda"], ["trainer.device=cuda", "no GPU"]),
-    (["rollout.n=2"], ["rollout.n"]),
-    (["conf=nosuch"], ["nosuch"]),
-    (["learner.lr=-1"], ["learner.lr"]),
+CONFIG_AND_ENVIRONMENT = [  # (name, args, environment, words the one message must contain)
+    ("unknown key", ["trainer.totl_steps=3"], {}, ["trainer.totl_steps", "did you mean 'total_steps'"]),
+    ("wrong type", ["trainer.total_steps=many"], {}, ["trainer.total_steps"]),
+    ("out of range", ["learner.lr=-1"], {}, ["learner.lr"]),
+    ("rollout.n too small", ["rollout.n=2"], {}, ["rollout.n"]),
+    ("unknown conf name", ["conf=nosuch"], {}, ["nosuch", "tiny"]),
+    ("gemini without an API key", ["judge.backend=gemini"], {}, ["GEMINI_API_KEY"]),
+    ("cuda without a GPU", ["trainer.device=cuda"], {}, ["trainer.device=cuda", "no GPU"]),
+    ("nccl on CPU", ["weight_sync.backend=nccl"], {}, ["weight_sync.backend", "nccl needs trainer.device=cuda"]),
+    ("judge unreachable at start", ["judge.backend=openai", "judge.base_url=http://127.0.0.1:9/v1"],
+     {"OPENAI_API_KEY": "sk-test"}, ["judge preflight", "cannot reach", "127.0.0.1:9"]),
 ]
 
 
-@pytest.mark.parametrize("args,words", ENV_AND_CONFIG, ids=[" ".join(a) for a, _ in ENV_AND_CONFIG])
-def test_bad_config_or_environment_exits_with_one_line(args, words, tmp_path):
-    proc, elapsed = run_launch(args, tmp_path)
-    assert proc.returncode == 2
+def bad_input_cases(tmp):
+    data = [(name, [f"data.train_path={path}"], {}, words) for name, path, words in bad_data_cases(tmp)]
+    return data + CONFIG_AND_ENVIRONMENT
+
+
+@pytest.mark.parametrize("case", range(19))
+def test_bad_input_is_refused_with_one_line_before_anything_starts(case, tmp_path):
+    """The catalogue: dataset, config and environment. Each exits 2 in seconds with one line naming
+    the culprit; no model is built (the model cache stays empty), no actor, no judge call is made."""
+    cases = bad_input_cases(tmp_path)
+    assert len(cases) == 19  # the parametrization covers every case
+    name, args, env, words = cases[case]
+    proc, elapsed = run_launch([*args, f"trainer.output_dir={tmp_path / 'out'}"], tmp_path, env_extra=env)
+    assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
     assert_one_error(proc.stderr, words)
-    assert elapsed < 30 and not (tmp_path / "cache").exists()
+    assert elapsed < 30, f"{name}: took {elapsed:.1f}s"
+    assert not (tmp_path / "cache").exists(), f"{name}: the model was built before the input was refused"
+    assert not (tmp_path / "out").exists()
 
 
 def test_original_polaris_training_files_validate_and_load(tmp_path):

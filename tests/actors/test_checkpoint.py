@@ -42,13 +42,19 @@ def test_saving_a_step_again_replaces_it_and_prune_keeps_the_newest(tmp_path):
 
 def test_rewinding_drops_the_steps_after_the_checkpoint(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in range(5)))
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 3)))
     (tmp_path / "rollouts").mkdir()
+    (tmp_path / "validation").mkdir()
     for s in range(5):
         (tmp_path / "rollouts" / f"step_{s:06d}.jsonl").write_text("{}\n")
+    for s in (1, 3):
+        (tmp_path / "validation" / f"step_{s:06d}.jsonl").write_text("{}\n")
     changed = checkpoint.rewind_outputs(tmp_path, 3)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert [json.loads(line)["step"] for line in (tmp_path / "validation.jsonl").read_text().splitlines()] == [1]
     assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == [f"step_{s:06d}.jsonl" for s in range(3)]
-    assert len(changed) == 3
+    assert [p.name for p in (tmp_path / "validation").iterdir()] == ["step_000001.jsonl"]
+    assert len(changed) == 5
     assert checkpoint.rewind_outputs(tmp_path, 3) == []  # nothing more to drop
 
 

@@ -92,3 +92,10 @@ def test_bad_config_names_the_culprit(argv, words):
 def test_rollout_n_three_is_enough_with_hri_and_two_without():
     assert load_config(["rollout.n=3"]).rollout.n == 3
     assert load_config(["rollout.n=2", "algorithm.hri.enable=false"]).rollout.n == 2
+
+
+def test_negative_judge_addressed_penalty_is_refused():
+    with pytest.raises(ConfigError) as err:
+        load_config(["reward.judge_addressed_penalty=-0.5"])
+    assert "reward.judge_addressed_penalty" in str(err.value) and ">= 0" in str(err.value)
+    assert load_config(["reward.judge_addressed_penalty=0"]).reward.judge_addressed_penalty == 0.0

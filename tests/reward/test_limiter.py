@@ -130,3 +130,23 @@ def test_a_lease_whose_holder_died_is_reclaimed():
 def test_invalid_limits_are_refused():
     with pytest.raises(ValueError, match="max_in_flight"):
         RateLimits(max_in_flight=0)
+
+
+def test_try_acquire_grants_the_batch_prefix_that_fits_and_nothing_while_someone_waits():
+    async def go():
+        limiter = RateLimiter(RateLimits(max_in_flight=3))
+        batch = limiter.try_acquire([0, 0, 0, 0, 0])
+        assert len(batch) == 3 and len(set(batch)) == 3  # the cap: the other two acquire one by one
+        queued = asyncio.ensure_future(limiter.acquire())
+        await asyncio.sleep(0.01)
+        limiter.release(batch[0])
+        await asyncio.sleep(0.01)
+        assert queued.done()
+        blocked = asyncio.ensure_future(limiter.acquire())  # waits: the cap is reached again
+        await asyncio.sleep(0.01)
+        limiter.release(batch[1])  # room for one, but the queued request comes first
+        assert limiter.try_acquire([0]) == []
+        await asyncio.sleep(0.01)
+        assert blocked.done() and limiter.stats()["in_flight"] == 3
+
+    run(go())

@@ -1,5 +1,6 @@
 """The reward pool on Ray: async workers under one limiter, batched dispatch, per-story futures,
 the judge cache and spend; against the loopback judge."""
+import asyncio
 import itertools
 import time
 
@@ -11,10 +12,10 @@ from conf import load_config
 from reward.cache import JudgeCache
 from reward.judge_client import JudgeSettings, RetryPolicy
 from reward.judge_server import Faults, LocalJudgeServer
-from reward.limiter import LimiterService, RateLimits
+from reward.limiter import LimiterService, RateLimits, RemoteLimiter
 from reward.pool import RewardPool
 from reward.spend import Prices, dollars
-from reward.worker import RemoteLimiter, RewardWorker, ScoringJob
+from reward.worker import RewardWorker, ScoringJob
 
 STORY = ("<think>\nplan the turn\n</think>\n\nMara counted ships. \"Nine winters,\" she said, and the lamp "
          "turned above her while the fog came in thick as wool.\n\nA hull slid out of the dark. She ran down "
@@ -125,3 +126,32 @@ def test_a_worker_killed_mid_batch_loses_no_story(ray_address, tmp_path):
         finally:
             pool.close()
     assert all(r.valid for r in results) and len({r.key for r in results}) == 8
+
+
+def test_remote_limiter_batches_its_calls_and_keeps_the_cap(ray_address):
+    name = f"limiter-{next(POOLS)}"
+    actor = ray.remote(LimiterService).options(name=name, namespace="test").remote(RateLimits(max_in_flight=8))
+
+    async def go():
+        remote = RemoteLimiter(name, "test", release_delay_s=0.05)
+        first = await asyncio.gather(*(remote.acquire() for _ in range(8)))
+        calls_for_first = remote.calls
+        waiting = [asyncio.ensure_future(remote.acquire()) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        capped = not any(w.done() for w in waiting)
+        for lease in first:
+            remote.release(lease)
+        second = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        for lease in second:
+            remote.release(lease)
+        remote.flush()
+        return first, second, calls_for_first, capped, remote.calls
+
+    first, second, calls_for_first, capped, calls = asyncio.run(go())
+    assert len(set(first + second)) == 12 and capped
+    assert calls_for_first == 1  # eight acquires in one loop turn: one call
+    assert calls == 1 + (1 + 4) + 1 + 1  # the four over the cap queue one by one; two release batches
+    deadline = time.monotonic() + 10
+    while ray.get(actor.stats.remote())["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ray.get(actor.stats.remote())["in_flight"] == 0

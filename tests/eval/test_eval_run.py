@@ -1,0 +1,108 @@
+"""Evaluation end to end on the tiny model with the loopback judge: a one-step run validates
+periodically into its own file; its checkpoint, exported, is evaluated against the base model in one
+table, CSV, figure and jsonl. Plus the subset, the refusals and the report's table."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actors.data import PromptRecord
+from eval.metrics import bucket_edges, bucket_of
+from eval.run import checkpoint_folders, validation_subset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch(args, env, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), "trainer.progress_bar=false", *args],
+                          cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_address, tiny_model_path):
+    """A one-step tiny run with trainer.eval_every=1, and its checkpoint exported."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent), "WANDB_MODE": "offline"}
+    proc = launch(["trainer.total_steps=1", "trainer.eval_every=1", f"trainer.output_dir={out}"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = out.parent / "exported"
+    proc_export = subprocess.run([sys.executable, "-m", "learner.export", str(out / "checkpoints" / "step_000001"),
+                                  str(exported)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc_export.returncode == 0, proc_export.stderr[-3000:]
+    return out, exported, env, proc.stdout
+
+
+def test_periodic_validation_writes_its_own_rows(trained):
+    out, _, _, stdout = trained
+    rows = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0] and rows[0]["count"] == 12  # conf=tiny: eval.subset_size=12
+    assert rows[0]["failed"] == 0 and rows[0]["quality/aggregate"] is not None
+    assert rows[0]["bucket1/count"] == 2 and rows[0]["weight_version"] == 1  # after the step's weight sync
+    stories = [json.loads(line) for line in (out / "validation" / "step_000000.jsonl").read_text().splitlines()]
+    assert len(stories) == 12 and all(s["quality"] is not None for s in stories)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and not any(k.startswith(("quality", "bucket")) for k in metrics[0])
+    assert metrics[0]["judge/stories"] == 48  # the validation's stories are not in the step's counters
+    assert "validation after step 0: quality id" in stdout
+
+
+def test_eval_of_an_exported_checkpoint_against_the_base_model(trained, tiny_model_path, tmp_path):
+    _, exported, env, _ = trained
+    proc = launch(["mode=eval", f"eval.checkpoint={exported}", f"eval.compare={tiny_model_path}",
+                   f"trainer.output_dir={tmp_path}"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = Path(tiny_model_path).resolve().name
+    folder = tmp_path / "eval" / f"exported_vs_{base}"
+    table = (folder / "results.md").read_text()
+    assert "exported: quality" in table and f"{base}: quality" in table  # both in one table
+    for row in ("[35,70)", "[350,420]", "in-distribution", "near OOD", "far OOD", "aggregate", "slope"):
+        assert row in table, row
+    with open(folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["checkpoint"] for r in rows} == {"exported", base} and len(rows) == 2 * 11
+    stories = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+    assert len(stories) == 2 * 24 and all(s["judgment"] is not None for s in stories)
+    by_bucket = {}
+    for s in stories:
+        by_bucket.setdefault((s["checkpoint"], s["bucket"]), []).append(s["quality"])
+    first = [r for r in rows if r["checkpoint"] == "exported" and r["row"] == "[35,70)"][0]
+    assert float(first["quality"]) == pytest.approx(sum(by_bucket[("exported", 0)]) / 4)
+    assert (folder / "quality_by_length.png").stat().st_size > 10_000
+    assert list((folder / "wandb").glob("offline-run-*")), "W&B offline run files"
+
+
+def test_a_training_checkpoint_or_an_empty_folder_is_refused_before_anything_starts(trained, tmp_path):
+    out, _, env, _ = trained
+    proc = launch(["mode=eval", f"eval.checkpoint={out / 'checkpoints' / 'step_000001'}"], env, timeout=60)
+    assert proc.returncode == 2 and "python -m learner.export" in proc.stderr and "eval.checkpoint" in proc.stderr
+    proc = launch(["mode=eval", f"eval.checkpoint={tmp_path}"], env, timeout=60)
+    assert proc.returncode == 2 and "no config.json" in proc.stderr
+    proc = launch(["mode=eval"], env, timeout=60)
+    assert proc.returncode == 2 and "eval.checkpoint" in proc.stderr
+
+
+def test_checkpoint_labels_are_distinct(tmp_path):
+    class Cfg:
+        class eval:
+            checkpoint = str(tmp_path / "a" / "hf_model")
+            compare = str(tmp_path / "b" / "hf_model")
+    for name in ("a", "b"):
+        (tmp_path / name / "hf_model").mkdir(parents=True)
+        (tmp_path / name / "hf_model" / "config.json").write_text("{}")
+    assert list(checkpoint_folders(Cfg)) == ["a/hf_model", "b/hf_model"]
+
+
+def test_validation_subset_is_fixed_and_spread_over_the_buckets():
+    from actors.data import load_prompts
+
+    prompts = load_prompts(ROOT / "data" / "tiny" / "test.jsonl", require_reference=False)
+    subset = validation_subset(prompts, 12, 0.035)
+    assert subset == validation_subset(list(reversed(prompts)), 12, 0.035)  # order of the file does not matter
+    edges = bucket_edges(0.035)
+    assert sorted(bucket_of(p.target_words, edges) for p in subset) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    outside = PromptRecord("x", ({"role": "user", "content": "hi"},), 5000, None, None)
+    assert outside not in validation_subset([*prompts, outside], 100, 0.035)
