@@ -15,6 +15,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def loopback_interface() -> str:
+    """The name of the interface holding 127.0.0.1 ("lo" on Linux), e.g. for GLOO_SOCKET_IFNAME."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
+            return name
+    return "lo"
+
+
 def bound_tcp_store(host: str, port: int, *, is_master: bool, timeout_s: float) -> dist.TCPStore:
     """A TCPStore whose server listens on (host, port) only.
 
