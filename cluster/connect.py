@@ -35,7 +35,8 @@ def connect_ray(cfg: Config) -> None:
         # gloo's default device (the learner's default group, vLLM's own CPU groups) listens on the
         # address the hostname resolves to, the machine's on many hosts; one machine needs only loopback
         # (NCCL's bootstrap likewise picks a network card; one node needs only loopback: unmeasured here, no GPU)
-        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if cfg.trainer.device == "cuda" else ("GLOO_SOCKET_IFNAME",):
+        bootstraps = ["GLOO_SOCKET_IFNAME"] + (["NCCL_SOCKET_IFNAME"] if cfg.trainer.device == "cuda" else [])
+        for var in bootstraps:
             if var not in os.environ:
                 env[var] = loopback_interface()
         _keep_local_node_on_loopback()
