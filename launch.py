@@ -16,11 +16,17 @@ def check_inputs(cfg: Config):
     """Data and environment checks: seconds, before any model, engine, judge call or Ray.
     Returns (training prompts, held-out prompts for the periodic validation or [])."""
     from actors.data import load_prompts
-    from conf.errors import EnvironmentSetupError
+    from conf.errors import DataError, EnvironmentSetupError
 
     train = load_prompts(resolve_path(cfg.data.train_path), require_reference=cfg.algorithm.hri.enable)
     val = load_prompts(resolve_path(cfg.data.val_path), require_reference=False)
-    held_out = load_prompts(resolve_path(cfg.eval.prompts_path), require_reference=False) if cfg.trainer.eval_every else []
+    held_out = []
+    if cfg.trainer.eval_every:
+        if not Path(resolve_path(cfg.eval.prompts_path)).exists():
+            raise DataError(f"eval.prompts_path={cfg.eval.prompts_path} not found: the periodic validation "
+                            f"(trainer.eval_every={cfg.trainer.eval_every}) needs held-out prompts, e.g. the POLARIS "
+                            "test split or data/synthetic/test.jsonl; trainer.eval_every=0 turns it off")
+        held_out = load_prompts(resolve_path(cfg.eval.prompts_path), require_reference=False)
     if cfg.judge.backend == "gemini" and not cfg.judge.vertex and not os.environ.get(cfg.judge.api_key_env):
         raise EnvironmentSetupError(f"judge.backend=gemini needs an API key in ${cfg.judge.api_key_env}")
     if cfg.trainer.device == "cuda":

@@ -74,6 +74,8 @@ CONFIG_AND_ENVIRONMENT = [  # (name, args, environment, words the one message mu
     ("gemini without an API key", ["judge.backend=gemini"], {}, ["GEMINI_API_KEY"]),
     ("cuda without a GPU", ["trainer.device=cuda"], {}, ["trainer.device=cuda", "no GPU"]),
     ("nccl on CPU", ["weight_sync.backend=nccl"], {}, ["weight_sync.backend", "nccl needs trainer.device=cuda"]),
+    ("held-out prompts missing", ["eval.prompts_path=data/nosuch/test.parquet"], {},
+     ["eval.prompts_path=data/nosuch/test.parquet", "trainer.eval_every"]),
     ("judge unreachable at start", ["judge.backend=openai", "judge.base_url=http://127.0.0.1:9/v1"],
      {"OPENAI_API_KEY": "sk-test"}, ["judge preflight", "cannot reach", "127.0.0.1:9"]),
 ]
@@ -84,12 +86,12 @@ def bad_input_cases(tmp):
     return data + CONFIG_AND_ENVIRONMENT
 
 
-@pytest.mark.parametrize("case", range(19))
+@pytest.mark.parametrize("case", range(20))
 def test_bad_input_is_refused_with_one_line_before_anything_starts(case, tmp_path):
     """The catalogue: dataset, config and environment. Each exits 2 in seconds with one line naming
     the culprit; no model is built (the model cache stays empty), no actor, no judge call is made."""
     cases = bad_input_cases(tmp_path)
-    assert len(cases) == 19  # the parametrization covers every case
+    assert len(cases) == 20  # the parametrization covers every case
     name, args, env, words = cases[case]
     proc, elapsed = run_launch([*args, f"trainer.output_dir={tmp_path / 'out'}"], tmp_path, env_extra=env)
     assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
@@ -141,7 +143,8 @@ def test_two_training_steps_write_metrics_config_and_a_loadable_policy(engine, t
 
 
 def test_polaris_check_prints_the_memory_plan_and_refuses_one_that_cannot_fit(tmp_path):
-    data = [f"data.train_path={SMOKE / 'smoke_train.parquet'}", f"data.val_path={SMOKE / 'smoke_val.parquet'}"]
+    data = [f"data.train_path={SMOKE / 'smoke_train.parquet'}", f"data.val_path={SMOKE / 'smoke_val.parquet'}",
+            "eval.prompts_path=data/synthetic/test.jsonl"]  # the periodic validation's prompts are checked too
     key = {"GEMINI_API_KEY": "not-a-real-key"}
     proc, _ = run_launch(["conf=polaris", "mode=check", *data], tmp_path, key)
     assert "memory plan" in proc.stdout and "learner rank" in proc.stdout and "rollout engine" in proc.stdout
