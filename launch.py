@@ -47,7 +47,7 @@ def prepare(cfg: Config, train, held_out):
     """The model found or built, prompts over the length limit dropped."""
     from transformers import AutoTokenizer
 
-    from actors.coordinator import ChatCodec
+    from actors.codec import ChatCodec
     from actors.data import filter_long_prompts
 
     model_path = build_or_find_model(cfg)

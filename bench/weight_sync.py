@@ -87,7 +87,7 @@ def main() -> None:
     import ray
     from transformers import AutoTokenizer
 
-    from actors.coordinator import ChatCodec
+    from actors.codec import ChatCodec
     from cluster import connect
     from cluster.roles import start_roles
     from conf import load_config

@@ -21,14 +21,22 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
+from actors.codec import sample_seed
 from actors.data import PromptRecord
 from actors.engine import SamplingParams
-from eval.metrics import EvalRecord, EvalSummary, bucket_edges, bucket_of, length_score, summarize
+from conf.errors import CheckpointError
+from eval.metrics import (
+    EvalRecord,
+    EvalSummary,
+    bucket_edges,
+    bucket_of,
+    length_score,
+    summarize,
+)
 from reward import rubric
 from reward.components import split_thinking, word_count
 from reward.spend import Prices, dollars
 from reward.worker import ScoringJob
-from conf.errors import CheckpointError
 
 EVAL_STEP = -1
 
@@ -64,8 +72,6 @@ def sampling_params(cfg) -> SamplingParams:
 def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label: str, submit, progress: bool
                        ) -> list[EvalStory]:
     """Generate all stories, then judge them as the engines return them. submit(job) -> Future[ScoredSample]."""
-    from actors.coordinator import sample_seed
-
     scale = cfg.eval.length_scale
     requests = [(p.uid, 0, codec.prompt_ids(p), sample_seed(cfg.trainer.seed, EVAL_STEP, p.uid, 0)) for p in prompts]
     by_uid = {p.uid: p for p in prompts}
@@ -181,7 +187,7 @@ def evaluate(cfg) -> Path:
     (its cache file is shared), then one report for all of them. Returns the report's folder."""
     from transformers import AutoTokenizer
 
-    from actors.coordinator import ChatCodec
+    from actors.codec import ChatCodec
     from actors.data import filter_long_prompts, load_prompts
     from cluster.connect import connect_ray
     from cluster.roles import judge_settings, start_eval_roles

@@ -4,7 +4,7 @@ import pytest
 import ray
 from transformers import AutoTokenizer
 
-from actors.coordinator import ChatCodec
+from actors.codec import ChatCodec
 from actors.data import load_prompts
 from actors.engine import SamplingParams
 from cluster.roles import start_roles

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from actors.coordinator import ChatCodec
+from actors.codec import ChatCodec
 from actors.data import PromptRecord
 from cluster.roles import start_roles
 from conf import load_config
