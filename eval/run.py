@@ -35,7 +35,7 @@ from eval.metrics import (
 )
 from reward import rubric
 from reward.components import split_thinking, word_count
-from reward.spend import Prices, dollars
+from reward.spend import dollars
 from reward.worker import ScoringJob
 
 EVAL_STEP = -1
@@ -71,8 +71,9 @@ def sampling_params(cfg) -> SamplingParams:
 
 def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label: str, submit, progress: bool
                        ) -> list[EvalStory]:
-    """Generate all stories, then judge them as the engines return them. submit(job) -> Future[ScoredSample]."""
-    scale = cfg.eval.length_scale
+    """One story per prompt; each goes to the judge as its engine returns it.
+    submit(job) -> Future[ScoredSample]."""
+    scale, edges = cfg.eval.length_scale, bucket_edges(cfg.eval.length_scale)
     requests = [(p.uid, 0, codec.prompt_ids(p), sample_seed(cfg.trainer.seed, EVAL_STEP, p.uid, 0)) for p in prompts]
     by_uid = {p.uid: p for p in prompts}
     bar = tqdm(total=2 * len(prompts), desc=f"eval {label}", unit="story", disable=not progress, dynamic_ncols=True)
@@ -96,7 +97,7 @@ def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label:
         j = scored.judgment
         stories[p.uid] = EvalStory(
             checkpoint=label, uid=p.uid, target_words=p.target_words,
-            bucket=bucket_of(p.target_words, bucket_edges(scale)), prompt=p.prompt_text, response=tok.text,
+            bucket=bucket_of(p.target_words, edges), prompt=p.prompt_text, response=tok.text,
             words=words, tokens=len(tok.ids), truncated=tok.truncated,
             quality=rubric.overall_score(j, evaluation=True) if j is not None else None,
             length_ratio=words / p.target_words, length_score=length_score(words, p.target_words, scale),
@@ -133,9 +134,6 @@ class PeriodicValidation:
         self.cfg, self.roles, self.codec, self.tracker = cfg, roles, codec, tracker
         self.prompts = validation_subset(prompts, cfg.eval.subset_size, cfg.eval.length_scale)
         self.output_dir = output_dir
-        j = cfg.judge
-        self.prices, self.flex = Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor), \
-            j.service_tier == "flex"
 
     def due(self, steps_done: int) -> bool:
         every = self.cfg.trainer.eval_every
@@ -147,7 +145,8 @@ class PeriodicValidation:
                                      submit=lambda job: self.roles.reward_pool.submit(job, per_step=False),
                                      progress=False)
         summary = summarize([s.record() for s in stories], bucket_edges(self.cfg.eval.length_scale))
-        usd = sum(dollars(s.input_tokens, s.output_tokens, self.prices, flex=self.flex) for s in stories)
+        pool = self.roles.reward_pool
+        usd = sum(dollars(s.input_tokens, s.output_tokens, pool.prices, flex=pool.flex) for s in stories)
         folder = self.output_dir / "validation"
         folder.mkdir(exist_ok=True)
         with open(folder / f"step_{step:06d}.jsonl", "w") as f:
