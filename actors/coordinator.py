@@ -34,8 +34,7 @@ class Coordinator:
                  output_dir: Path, model_path: str, validation=None):
         self.cfg, self.roles, self.codec, self.sampler, self.tracker = cfg, roles, codec, sampler, tracker
         self.output_dir = output_dir
-        s = cfg.rollout.sampling
-        self.sampling = SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens)
+        self.sampling = SamplingParams.from_config(cfg.rollout.sampling)
         self.stop_reason: str | None = None
         self.rollout_log = RolloutLog(output_dir)
         self._last_step_usd = 0.0

@@ -21,6 +21,11 @@ class SamplingParams:
     repetition_penalty: float
     max_new_tokens: int
 
+    @classmethod
+    def from_config(cls, s) -> SamplingParams:
+        """From conf.schema.SamplingConfig (rollout.sampling or rollout.val_sampling)."""
+        return cls(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens)
+
 
 @dataclass(frozen=True)
 class GenerationRequest:

@@ -2,7 +2,6 @@
 A plain class; cluster/roles.py makes it a Ray actor."""
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,7 +37,6 @@ class RolloutWorker:
                                    stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
                                    tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed)
         self.weight_version = 0
-        self.incarnation = uuid.uuid4().hex  # a new one when Ray restarts this actor after a crash
 
     def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
         """requests: (uid, sample_index, prompt token ids, seed)."""
@@ -72,10 +70,6 @@ class RolloutWorker:
 
     def get_weight_version(self) -> int:
         return self.weight_version
-
-    def identity(self) -> tuple[str, int]:
-        """(incarnation, weight version): a restarted actor answers with a new incarnation at version 0."""
-        return self.incarnation, self.weight_version
 
     def call(self, fn, *args):
         """Run fn(self, *args) in this worker's process (benchmarks, diagnostics)."""

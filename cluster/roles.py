@@ -130,7 +130,7 @@ class Roles:
         for i, engine in enumerate(self.rollouts):
             while True:
                 try:
-                    ray.get(engine.identity.remote(), timeout=60)
+                    ray.get(engine.__ray_ready__.remote(), timeout=60)
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                     if time.monotonic() > deadline:

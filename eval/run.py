@@ -64,11 +64,6 @@ class EvalStory:
         return EvalRecord(self.uid, self.target_words, self.words, self.quality, self.length_score)
 
 
-def sampling_params(cfg) -> SamplingParams:
-    s = cfg.rollout.val_sampling
-    return SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens)
-
-
 def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label: str, submit, progress: bool
                        ) -> list[EvalStory]:
     """One story per prompt; each goes to the judge as its engine returns it.
@@ -79,7 +74,7 @@ def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label:
     bar = tqdm(total=2 * len(prompts), desc=f"eval {label}", unit="story", disable=not progress, dynamic_ncols=True)
     bar.set_postfix_str("generating")
     pending: dict[concurrent.futures.Future, tuple] = {}
-    for stream in roles.start_generation(requests, sampling_params(cfg), cfg.rollout.stream_chunk):
+    for stream in roles.start_generation(requests, SamplingParams.from_config(cfg.rollout.val_sampling), cfg.rollout.stream_chunk):
         for ref in stream:
             for sample in ray.get(ref):
                 tok = codec.response(sample.response_ids, sample.finish_reason)

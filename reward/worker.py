@@ -67,9 +67,6 @@ class RewardWorker:
             self._judge = make_judge(self.settings, self._limiter, self._secret)
         return self._judge
 
-    async def preflight(self) -> None:
-        await self.judge.preflight()
-
     async def score_stream(self, jobs: list[ScoringJob]) -> AsyncIterator[tuple[int, ScoredSample]]:
         """(index in jobs, result) as each story is done: one Ray call per batch, one answer per story."""
         tasks = [asyncio.ensure_future(self._indexed(i, job)) for i, job in enumerate(jobs)]
