@@ -71,7 +71,7 @@ def build_or_find_model(cfg: Config) -> str:
 def train(cfg: Config) -> Path | None:
     from omegaconf import OmegaConf
 
-    from actors.checkpoint import prepare_resume
+    from actors.checkpoint import prepare_resume, run_name
     from actors.coordinator import Coordinator, stop_on_signals
     from actors.data import PromptSampler
     from actors.tracking import Tracker
@@ -96,15 +96,16 @@ def train(cfg: Config) -> Path | None:
         model_path, codec, prompts, held_out = prepare(cfg, prompts, held_out)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(to_yaml(cfg))  # keys live in the environment, never in config
+        name = run_name(output_dir, resume_from)
         connect_ray(cfg)
         roles = start_roles(cfg, model_path=model_path, stop_token_ids=codec.stop_ids,
                             pad_token_id=codec.tok.pad_token_id, judge_base_url=judge_url,
-                            run_name=output_dir.resolve().name, output_dir=str(output_dir))
+                            run_name=name, output_dir=str(output_dir))
         sampler = PromptSampler(prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)
         tracker = Tracker(output_dir, project=cfg.trainer.wandb_project,
                           config=OmegaConf.to_container(OmegaConf.structured(cfg)), total_steps=cfg.trainer.total_steps,
                           start_step=state["steps_done"] if state else 0, progress_bar=cfg.trainer.progress_bar,
-                          run_id=state["wandb_run_id"] if state else None)
+                          run_id=state["wandb_run_id"] if state else None, run_name=name)
         validation = PeriodicValidation(cfg, roles, codec, held_out, output_dir, tracker) if held_out else None
         coordinator = Coordinator(cfg, roles, codec, sampler, tracker, output_dir, model_path, validation)
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 CACHE_FILE = "judge_cache.sqlite"
 IN_FLIGHT_FILE = "in_flight.pkl"
+RUN_ID_FILE = "run_id"
 _NAME = re.compile(r"^step_(\d{6,})$")
 
 
@@ -137,6 +139,24 @@ def rewind_outputs(output_dir: str | Path, steps: int) -> list[str]:
                 path.unlink()
                 changed.append(f"{folder}/{path.name} removed")
     return changed
+
+
+def run_name(output_dir: str | Path, resume_from: Path | None) -> str:
+    """The name a run's actors carry on the cluster: the output folder's basename and an id made at
+    the folder's first start, kept in <output_dir>/run_id and in every checkpoint (a folder that
+    lost the file gets it back from its own checkpoint). Two folders of one basename (a/run, b/run)
+    get different names; a second run into one folder, and a resume, get the same one, so Ray
+    refuses the first and the second waits for its predecessor's actors to be released."""
+    output_dir = Path(output_dir)
+    path = output_dir / RUN_ID_FILE
+    if not path.exists():
+        own = resume_from is not None and Path(resume_from).resolve().parent == (output_dir / CHECKPOINTS).resolve()
+        path.write_text((own and read_state(resume_from).get("run_id") or secrets.token_hex(4)) + "\n")
+    return f"{output_dir.resolve().name}-{run_id(output_dir)}"
+
+
+def run_id(output_dir: str | Path) -> str:
+    return (Path(output_dir) / RUN_ID_FILE).read_text().strip()
 
 
 def run_identity(cfg) -> dict:

@@ -1,4 +1,4 @@
-"""The step loop (DESIGN.md section 3): prompts -> rollouts -> judge -> groups -> update -> weights."""
+"""The step loop (docs/design.md#roles-and-the-step): prompts -> rollouts -> judge -> groups -> update -> weights."""
 from __future__ import annotations
 
 import contextlib
@@ -321,6 +321,7 @@ class Coordinator:
             "weight_version": self.roles.weight_version + updates_unsent,
             "hri_weight_next": self.reference_weight(steps_done),
             "wandb_run_id": self.tracker.run_id,
+            "run_id": checkpoint.run_id(self.output_dir),
             "judge": {"total_usd": pool.total_usd, "last_step_usd": self._last_step_usd},
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state().tolist()},
             "run": checkpoint.run_identity(self.cfg),

@@ -2,7 +2,7 @@
 finished samples goes to the reward pool the moment it arrives; the step is ready when its last
 story is judged. The HRI reference rows go with the first chunk (they need no generation).
 
-What overlaps what (DESIGN.md section 3): a story is judged while later chunks still generate;
+What overlaps what (docs/design.md#the-one-step-off-schedule): a story is judged while later chunks still generate;
 group statistics need the whole group and the token-mean needs the step's token count, so the
 learner starts when the step's last judgment is in. With rollout.max_staleness=1 the coordinator
 also launches step k+1 before training step k, so step k+1's generation and judging run while

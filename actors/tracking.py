@@ -17,9 +17,10 @@ from actors.live_metrics import LiveMetrics
 
 class Tracker:
     def __init__(self, output_dir: Path, *, project: str, config: dict, total_steps: int, start_step: int,
-                 progress_bar: bool, run_id: str | None = None):
+                 progress_bar: bool, run_id: str | None = None, run_name: str | None = None):
         """run_id: the W&B run to continue (a resume); else a new one. Either way it is written to
-        output_dir/wandb_run_id and kept in every checkpoint."""
+        output_dir/wandb_run_id and kept in every checkpoint. run_name: the live gauges' "run" tag
+        (the run's actor name; default the output folder's name)."""
         self.output_dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
         self.run_id = run_id or _new_run_id()
@@ -27,7 +28,7 @@ class Tracker:
         self._wandb = _start_wandb(output_dir, project, redact(config), self.run_id, resuming=run_id is not None)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                          disable=not progress_bar, dynamic_ncols=True)
-        self._live = LiveMetrics(run_name=output_dir.resolve().name)
+        self._live = LiveMetrics(run_name=run_name or output_dir.resolve().name)
 
     def log_step(self, metrics: dict, samples: list[dict] = ()) -> None:
         """samples: a few of the step's stories (dicts of equal keys) for the W&B table."""
@@ -127,6 +128,17 @@ def write_summary_figure(metrics_path: Path, out: Path) -> Path | None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return None
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(rows, f"{metrics_path.parent.name}: {len(rows)} steps")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def summary_figure(rows: list[dict], suptitle: str):
+    """The matplotlib Figure of write_summary_figure: one panel per SUMMARY_PANELS entry, in order,
+    each a line over the steps that logged its key."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,11 +152,9 @@ def write_summary_figure(metrics_path: Path, out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("step")
-    fig.suptitle(f"{metrics_path.parent.name}: {len(rows)} steps")
+    fig.suptitle(suptitle)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def step_summary(m: dict) -> str:

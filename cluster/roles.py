@@ -171,8 +171,9 @@ class Roles:
 
 def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_token_id: int,
                 judge_base_url: str, run_name: str, output_dir: str) -> Roles:
-    """Actors are named "{run_name}/{role}-{i}" in the "polaris" namespace: two runs on one
-    cluster never collide, and a second run into the same output folder is refused by Ray."""
+    """Actors are named "{run_name}/{role}-{i}" in the "polaris" namespace. run_name is unique to
+    the output folder (actors/checkpoint.py run_name): two runs on one cluster never collide, and a
+    second run into the same output folder is refused."""
     names = [f"{run_name}/{role}-{i}" for role, n in (("learner", cfg.learner.world_size),
              ("rollout", cfg.rollout.num_engines), ("reward", cfg.judge.num_workers)) for i in range(n)]
     _wait_until_released([*names, f"{run_name}/judge-limiter"], output_dir)

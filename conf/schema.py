@@ -1,4 +1,4 @@
-"""The typed config schema. Defaults here are the original POLARIS HRI run (DESIGN.md section 2);
+"""The typed config schema. Defaults here are the original POLARIS HRI run (docs/design.md#the-run);
 the YAML files in this folder only override them."""
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ class RewardConfig:
 
 @dataclass
 class JudgePriceConfig:
-    """Dollars per million tokens on the standard tier (DESIGN.md section 2); thoughts bill as output."""
+    """Dollars per million tokens on the standard tier (docs/design.md#the-judge); thoughts bill as output."""
 
     input_per_mtok: float = 0.50
     output_per_mtok: float = 3.00

@@ -3,7 +3,7 @@
 Stories are grouped by requested words into six buckets, [1k,2k) [2k,4k) [4k,6k) [6k,8k) [8k,10k)
 [10k,12k] (the last one closed; every edge times eval.length_scale). Per bucket: mean story quality
 (the evaluation rubric, min(100, P - N + B)), mean length ratio (generated / requested words), mean
-length score 100 x (1 - lp) with the DESIGN.md length band at a symmetric tolerance
+length score 100 x (1 - lp) with the length band (docs/design.md#per-story) at a symmetric tolerance
 max(50, 0.1 x target) (the 50 also scaled), the count and the judge failures.
 
 A story whose judgment failed has no quality: it is counted in `failed` and left out of every

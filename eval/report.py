@@ -63,6 +63,17 @@ def markdown(summaries: dict[str, EvalSummary], scale: float) -> str:
 
 
 def write_figure(summaries: dict[str, EvalSummary], scale: float, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = quality_figure(summaries, scale)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def quality_figure(summaries: dict[str, EvalSummary], scale: float):
+    """The matplotlib Figure of quality_by_length.png: quality (left) and length ratio (right) at
+    the bucket centres, one line per checkpoint (labelled with it); buckets without a value are skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,9 +96,7 @@ def write_figure(summaries: dict[str, EvalSummary], scale: float, out: Path) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def write_report(out: Path, results: dict, cfg) -> dict[str, EvalSummary]:

@@ -181,6 +181,7 @@ def evaluate(cfg) -> Path:
     (its cache file is shared), then one report for all of them. Returns the report's folder."""
     from transformers import AutoTokenizer
 
+    from actors.checkpoint import run_name
     from actors.codec import ChatCodec
     from actors.data import filter_long_prompts, load_prompts
     from cluster.connect import connect_ray
@@ -197,6 +198,7 @@ def evaluate(cfg) -> Path:
     with judge_endpoint(cfg.eval.judge) as (url, _):
         preflight(judge_settings(cfg.eval.judge, url, evaluation=True))  # a missing key or dead judge: refused here
         out.mkdir(parents=True, exist_ok=True)
+        name = run_name(cfg.trainer.output_dir, None)
         connect_ray(cfg)
         for k, (label, folder) in enumerate(folders.items()):
             codec = ChatCodec(AutoTokenizer.from_pretrained(folder), enable_thinking=cfg.model.enable_thinking,
@@ -205,7 +207,7 @@ def evaluate(cfg) -> Path:
             print(f"eval {label}: {len(kept)} prompts ({too_long} over {cfg.data.max_prompt_tokens} tokens dropped)")
             roles = start_eval_roles(cfg, model_path=folder, stop_token_ids=codec.stop_ids,
                                      pad_token_id=codec.tok.pad_token_id, judge_base_url=url,
-                                     run_name=f"{Path(cfg.trainer.output_dir).resolve().name}-eval-{k}",
+                                     run_name=f"{name}-eval-{k}",
                                      output_dir=str(Path(cfg.trainer.output_dir)))
             try:
                 results[label] = generate_and_judge(roles, codec, kept, cfg, label=label,

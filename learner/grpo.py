@@ -1,4 +1,4 @@
-"""GRPO with human reference injection (HRI), as pure functions (DESIGN.md section 2).
+"""GRPO with human reference injection (HRI), as pure functions (docs/design.md#the-algorithm).
 
 Three pieces, each checkable with a pencil:
 
@@ -70,7 +70,7 @@ def group_advantages(
     reference_weight: float,
     eps: float = 1e-6,
 ) -> GroupAdvantages:
-    """Advantages for ONE group of n rows (DESIGN.md section 2, HRI and invalid judgments).
+    """Advantages for ONE group of n rows (docs/design.md#advantages).
 
     scores: float [n]; is_reference, valid: bool [n]. Invalid rows (failed judgments) get
     A = 0, are left out of the statistics and out of the loss; their scores may be nan.

@@ -215,10 +215,9 @@ def _warm_up(model, tokenizer, rows: list[dict], params: dict, show_progress: bo
     steps, batch_size = params["warmup_steps"], params["batch_size"]
     if steps <= 0:
         return []
-    # AdamW moments of rarely seen tokens decay into float32 denormals, which made CPU steps
-    # ~10x slower after a few dozen steps (measured). Flushing them to zero is process-wide
-    # and harmless here; torch offers no getter to restore the caller's setting.
-    torch.set_flush_denormal(True)
+    from learner.worker import flush_denormals
+
+    flush_denormals()  # process-wide; torch offers no getter to restore the caller's setting
     gen = torch.Generator().manual_seed(params["seed"])
     examples = []
     for i, row in enumerate(rows):

@@ -1,4 +1,4 @@
-"""POLARIS reward components as pure functions (DESIGN.md section 2, "Reward per story").
+"""POLARIS reward components as pure functions (docs/design.md#per-story).
 
 Flow for one response: split_thinking -> (judge sees the story and the prompt without its length
 sentence) -> sq = rubric/100 -> story_scalar(sq, self_repetition, length_penalty, blank_flag,
@@ -172,7 +172,7 @@ def sequence_score(rewards: list[float], mode: str = "sum") -> float:
 
 @dataclass(frozen=True)
 class RewardParams:
-    """Every reward knob; the defaults are POLARIS training (DESIGN.md section 2)."""
+    """Every reward knob; the defaults are POLARIS training (docs/design.md#knobs)."""
     min_target: int = 150
     lo_frac: float = 0.15
     lo_min: float = 350

@@ -1,6 +1,6 @@
 """Gemini through google-genai's async client: one judge call (reward/judge_api.JudgeAPI).
 
-Flex tier (DESIGN.md section 2): on the Developer API `service_tier="flex"` in the request
+Flex tier (docs/design.md#the-judge): on the Developer API `service_tier="flex"` in the request
 config; on Vertex the two request headers below. The SDK's own retries are off (they ignore
 Retry-After): reward/judge_client.Judge owns retries. The API key comes from the caller (who
 read it from the environment) and is scrubbed from every error text this module produces.

@@ -7,7 +7,8 @@ Routes: POST .../models/{model}:generateContent (Developer API /v1beta/ and /v1/
 GET /stats (the stats() dict; neither counted nor rate limited). Answers carry deterministic
 rubric scores from text features (reward/stand_in_scores.py) that fit the request's schema,
 in each API's envelope (reward/stand_in_wire.py); no schema -> the text "OK". Any API key is
-accepted and none is recorded (`requests` keeps path, body and the other headers).
+accepted and none is recorded (`requests` keeps path, body and the other headers). stats()
+counts the tokens its answers bill (thought tokens apart; a service bills them as output).
 
 What a request goes through, on either API:
 - rpm_limit > 0: at most rpm_limit accepted arrivals in any trailing window_s seconds; an
@@ -37,6 +38,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -96,7 +98,10 @@ class LocalJudgeServer:
 
     def __init__(self, port: int = 0, faults: Faults | None = None, *,
                  latency_s: tuple[float, float] = (0.0, 0.0), rpm_limit: int = 0,
-                 window_s: float = 60.0):
+                 window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        """clock: the RPM window's and the handling times' time; sleep: every latency, slow and
+        hang delay goes through it (tests pass fakes)."""
         lo, hi = latency_s
         if not 0.0 <= lo <= hi:
             raise ValueError(f"latency_s must be (lo, hi) with 0 <= lo <= hi, got {latency_s}")
@@ -106,6 +111,7 @@ class LocalJudgeServer:
         self.faults = faults or Faults()
         self.latency_s = (float(lo), float(hi))
         self.rpm_limit, self.window_s = rpm_limit, window_s
+        self._clock, self._sleep = clock, sleep
         self.requests: list[dict] = []  # {"path", "body", "headers"} without key headers
         self.in_flight = self.max_in_flight = 0
         self._fault_rng = random.Random(self.faults.seed)
@@ -114,10 +120,11 @@ class LocalJudgeServer:
         self._schema_faults = 0
         # Handlers run on the server's loop thread; stats() may be called from any thread.
         self._lock = threading.Lock()
-        self._accepted_at: list[float] = []  # time.monotonic() of accepted arrivals, ascending
+        self._accepted_at: list[float] = []  # clock() of accepted arrivals, ascending
         self._arrivals = self._violations = self._dropped = 0
         self._answered = dict.fromkeys(OUTCOMES, 0)
         self._handling_s: list[float] = []
+        self._billed = {"input_tokens": 0, "output_tokens": 0, "thought_tokens": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -128,7 +135,7 @@ class LocalJudgeServer:
     def accepted_since(self, seconds_ago: float) -> int:
         """Accepted arrivals in the last seconds_ago seconds."""
         with self._lock:
-            return self._accepted_after(time.monotonic() - seconds_ago)
+            return self._accepted_after(self._clock() - seconds_ago)
 
     def _accepted_after(self, t: float) -> int:
         return len(self._accepted_at) - bisect.bisect_right(self._accepted_at, t)
@@ -144,11 +151,12 @@ class LocalJudgeServer:
                 "dropped": self._dropped,  # client went away before the answer
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
-                "accepted_last_window": self._accepted_after(time.monotonic() - self.window_s),
+                "accepted_last_window": self._accepted_after(self._clock() - self.window_s),
                 "rpm_limit": self.rpm_limit,
                 "window_s": self.window_s,
                 "latency_p50_s": _quantile(handling, 0.50),
                 "latency_p99_s": _quantile(handling, 0.99),
+                "billed": dict(self._billed),  # usage of every answer sent, faulty JSON included
             }
 
     # -- request handling -------------------------------------------------------------------
@@ -176,7 +184,7 @@ class LocalJudgeServer:
             return _error(wire, 429, "stand-in judge: requests per minute exceeded",
                           retry_after=max(1, math.ceil(wait_s)))
         outcome = self._script.pop(0) if self._script else self._draw()
-        start = time.monotonic()
+        start = self._clock()
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -190,14 +198,14 @@ class LocalJudgeServer:
                 self.in_flight -= 1
                 if answered:
                     self._answered[outcome] += 1
-                    self._handling_s.append(time.monotonic() - start)
+                    self._handling_s.append(self._clock() - start)
                 else:
                     self._dropped += 1
 
     def _admit(self) -> float | None:
         """Count an arrival: None if accepted, else seconds until the window frees a slot."""
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self._arrivals += 1
             if self.rpm_limit > 0:
                 first = bisect.bisect_right(self._accepted_at, now - self.window_s)
@@ -220,7 +228,7 @@ class LocalJudgeServer:
         delay = self._latency_rng.uniform(*self.latency_s)
         delay += {"slow": self.faults.slow_s, "hang": self.faults.hang_s}.get(outcome, 0.0)
         if delay > 0:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
         if outcome == "429":
             return _error(wire, 429, "stand-in judge: rate limited",
                           retry_after=self.faults.retry_after_s)
@@ -228,9 +236,13 @@ class LocalJudgeServer:
             return _error(wire, 503, "stand-in judge: overloaded")
         call = wire.call(body, request)
         text = self._text(call, outcome)
-        out_tokens = len(text) // 4 + 1
-        return web.json_response(wire.answer(call, text, len(call.all_text) // 4 + 1, out_tokens,
-                                             2 * out_tokens if call.thinking else 0))
+        in_tokens, out_tokens = len(call.all_text) // 4 + 1, len(text) // 4 + 1
+        thought_tokens = 2 * out_tokens if call.thinking else 0
+        with self._lock:
+            self._billed["input_tokens"] += in_tokens
+            self._billed["output_tokens"] += out_tokens
+            self._billed["thought_tokens"] += thought_tokens
+        return web.json_response(wire.answer(call, text, in_tokens, out_tokens, thought_tokens))
 
     def _text(self, call: Call, outcome: str) -> str:
         found = rubric.extract_delimited(call.user)

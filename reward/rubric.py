@@ -1,5 +1,5 @@
-"""The judge rubric: prompt wording, JSON schema, parsing and the overall score (DESIGN.md
-section 2, "Reward per story"). Pure: no I/O.
+"""The judge rubric: prompt wording, JSON schema, parsing and the overall score
+(docs/design.md#per-story). Pure: no I/O.
 
 Six positive dimensions (sum 100), ten penalty dimensions (sum 151), a bonus 0..8 and a
 penalty 0..8. The judge returns one JSON object: for every dimension {"evidence": a short

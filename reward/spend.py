@@ -1,4 +1,4 @@
-"""Judge spend: billed tokens times the price table (DESIGN.md section 2). Pure."""
+"""Judge spend: billed tokens times the price table (docs/design.md#the-judge). Pure."""
 from __future__ import annotations
 
 from dataclasses import dataclass

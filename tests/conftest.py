@@ -22,3 +22,73 @@ def ray_address(tmp_path_factory):
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- POLARIS dataset files
+#
+# Written by the suite itself, in the two shapes the loader reads (actors/data.py):
+# - the original training files: `prompt` is a list of chat messages, no uid, the target only in
+#   the text ("... approximately N words long."), with `story` and `ground_truth_reasoning`;
+# - the prompt release: `uid` (a string or an integer), `prompt` a string, `target_word_count`,
+#   and optionally the reference fields.
+
+TRAINING_PROMPTS = [  # (request, target words, story, reasoning); the files repeat them verbatim
+    ("Write a short story about a ferry pilot who finds a stowaway cat on the last crossing.", 800,
+     "Ilse had piloted the Aurelia across the strait for eleven winters, and she knew every groan of its hull. "
+     "So when something mewed behind the life jackets, she knew it was not the ship.\n\n"
+     "The cat was grey, salt-stiff and entirely unimpressed by her.",
+     "Open on routine, break it with a small mystery, let the cat stand for what Ilse has been avoiding."),
+    ("Write a short story about an old clockmaker teaching his granddaughter to listen.", 900,
+     "Every clock in Anselm's shop ticked a little differently, and he could name each one with his eyes shut. "
+     "Nell thought this was a trick until he blindfolded her and asked which clock was lying.\n\n"
+     "It took her a week to hear it.",
+     "A quiet apprenticeship story; the lesson is attention, the ending a role reversal."),
+]
+VALIDATION_PROMPT = ("Write a short story about a night guard who notices a statue moving one step each evening.",
+                     700, "On Monday the bronze runner had one foot raised. By Friday she was off her plinth.",
+                     "Slow escalation over five nights, resolved with wonder rather than fear.")
+
+
+def _training_row(request, target, story, reasoning):
+    text = f"{request} Your story should be approximately {target} words long."
+    return {"prompt": [{"content": text, "role": "user"}], "story": story, "ground_truth_reasoning": reasoning}
+
+
+def _release_row(uid, request, target, story, reasoning):
+    return {"uid": uid, "prompt": f"{request} The story should be approximately {target:,} words long.",
+            "target_word_count": target, "story": story, "ground_truth_reasoning": reasoning}
+
+
+def _write(rows, path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def polaris_files(tmp_path_factory):
+    """Paths of POLARIS-shaped dataset files in a temporary folder:
+    training_parquet / training_jsonl: the original training shape, 8 rows (2 prompts x 4, targets
+    800, 900, ...); validation_parquet: the same shape, 2 rows (700 words); release_parquet /
+    release_jsonl: the release shape, 3 rows (the two training prompts, then the validation one);
+    the parquet file's uids are the integers 0, 1, 2, the jsonl file's "r0", 1 and "r2"."""
+    from types import SimpleNamespace
+
+    folder = tmp_path_factory.mktemp("polaris_files")
+    training = [_training_row(*TRAINING_PROMPTS[i % 2]) for i in range(8)]
+    validation = [_training_row(*VALIDATION_PROMPT)] * 2
+    prompts = [*TRAINING_PROMPTS, VALIDATION_PROMPT]
+    return SimpleNamespace(
+        training_parquet=_write(training, folder / "train.parquet"),
+        training_jsonl=_write(training, folder / "train.jsonl"),
+        validation_parquet=_write(validation, folder / "val.parquet"),
+        release_parquet=_write([_release_row(i, *p) for i, p in enumerate(prompts)], folder / "release.parquet"),
+        release_jsonl=_write([_release_row(u, *p) for u, p in zip(["r0", 1, "r2"], prompts)], folder / "release.jsonl"),
+    )

@@ -36,6 +36,11 @@ def wait_for(condition, proc, timeout=600):
         time.sleep(0.2)
 
 
+def actor(out, role):
+    """A role of the run writing into out: its actors carry the output folder's run name."""
+    return ray.get_actor(f"{out.name}-{checkpoint.run_id(out)}/{role}", namespace="polaris")
+
+
 def logged_steps(out):
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -46,7 +51,7 @@ def test_an_engine_killed_mid_run_is_restarted_resynced_and_the_run_completes(tm
     out = tmp_path / "engine-kill"
     proc = start(["trainer.total_steps=3", "trainer.save_every=0"], out, ray_address, tiny_model_path)
     wait_for(lambda: len(logged_steps(out)) >= 1, proc)
-    engine = ray.get_actor(f"{out.name}/rollout-0", namespace="polaris")
+    engine = actor(out, "rollout-0")
     ray.kill(engine, no_restart=False)  # the next generation finds it dead or freshly restarted at v0
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
@@ -64,7 +69,7 @@ def test_a_learner_killed_stops_the_run_with_its_last_checkpoint_intact(tmp_path
     out = tmp_path / "learner-kill"
     proc = start(["trainer.total_steps=8", "trainer.save_every=1"], out, ray_address, tiny_model_path)
     wait_for(lambda: checkpoint.complete_checkpoints(out), proc)
-    ray.kill(ray.get_actor(f"{out.name}/learner-0", namespace="polaris"))
+    ray.kill(actor(out, "learner-0"))
     t0 = time.monotonic()
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr[-3000:]

@@ -88,3 +88,20 @@ def test_the_judge_cache_comes_back_from_the_checkpoint_when_the_runs_own_is_gon
     assert checkpoint.prepare_resume(cfg, tmp_path)[0] == folder
     assert (tmp_path / checkpoint.CACHE_FILE).read_bytes() == b"sqlite bytes"
     assert "judge cache restored" in capsys.readouterr().out
+
+
+def test_run_names_are_unique_per_output_folder_and_kept_by_a_resume(tmp_path):
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+    name_a, name_b = checkpoint.run_name(a, None), checkpoint.run_name(b, None)
+    assert name_a.startswith("run-") and name_b.startswith("run-") and name_a != name_b  # same basename
+    assert checkpoint.run_name(a, None) == name_a  # a second run into a: the same name (Ray refuses it)
+
+    saved = write_checkpoint(a, 2, run_id=checkpoint.run_id(a))
+    (a / checkpoint.RUN_ID_FILE).unlink()  # the folder lost its file: its own checkpoint has the id
+    assert checkpoint.run_name(a, saved) == name_a
+
+    fresh = tmp_path / "c" / "run"
+    fresh.mkdir(parents=True)  # resumed from a's checkpoint into another folder: a name of its own
+    assert checkpoint.run_name(fresh, saved) not in (name_a, name_b)

@@ -10,10 +10,6 @@ import pytest
 from actors.data import PromptRecord, PromptSampler, filter_long_prompts, load_prompts
 from conf.errors import DataError
 
-SMOKE = Path("/work/shared/data/polaris_smoke")
-if not SMOKE.is_dir():  # a checkout that carries shared/ beside the code
-    SMOKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "polaris_smoke"
-
 PROMPT_800 = "Write a story about a fox. Your story should be approximately 800 words long."
 
 
@@ -34,38 +30,45 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- the real smoke files
+# ---------------------------------------------------------------- the two POLARIS file shapes (tests/conftest.py)
 
 
-def test_original_training_files_load_with_parsed_targets_and_derived_uids():
-    train = load_prompts(SMOKE / "smoke_train.parquet", require_reference=True)
-    val = load_prompts(SMOKE / "smoke_val.parquet", require_reference=True)
+@pytest.mark.parametrize("suffix", ["parquet", "jsonl"])
+def test_original_training_files_load_with_parsed_targets_and_derived_uids(polaris_files, suffix):
+    train = load_prompts(getattr(polaris_files, f"training_{suffix}"), require_reference=True)
+    val = load_prompts(polaris_files.validation_parquet, require_reference=True)
     assert len(train) == 8 and len(val) == 2
-    # the smoke files repeat their prompts verbatim; copies are numbered, not rejected
+    # the files repeat their prompts verbatim; copies are numbered, not rejected
     assert len({r.uid for r in train}) == 8 and len({r.uid for r in val}) == 2
+    assert train[2].uid == train[0].uid + "-1" and train[4].uid == train[0].uid + "-2"
     assert [r.target_words for r in train] == [800, 900] * 4
     assert [r.target_words for r in val] == [700, 700]
     first = train[0]
-    assert first.messages[-1]["role"] == "user"
-    assert first.prompt_text.startswith("Write a short story about a lighthouse keeper")
-    assert first.prompt_text.endswith("approximately 800 words long.")
-    assert first.story.startswith("Mara kept the north-light burning")
-    assert first.reasoning.startswith("Plan a suspenseful but humane story.")
+    assert first.messages == ({"role": "user", "content": "Write a short story about a ferry pilot who finds a "
+                               "stowaway cat on the last crossing. Your story should be approximately 800 words long."},)
+    assert first.story.startswith("Ilse had piloted the Aurelia")
+    assert first.reasoning.startswith("Open on routine")
 
 
-def test_derived_uids_are_stable_across_loads_and_reordering(tmp_path):
-    once = load_prompts(SMOKE / "smoke_train.parquet", require_reference=True)
-    again = load_prompts(SMOKE / "smoke_train.parquet", require_reference=True)
+def test_derived_uids_are_stable_across_loads_and_reordering(polaris_files, tmp_path):
+    once = load_prompts(polaris_files.training_parquet, require_reference=True)
+    again = load_prompts(polaris_files.training_parquet, require_reference=True)
     assert [r.uid for r in once] == [r.uid for r in again]
 
-    table = pq.read_table(SMOKE / "smoke_train.parquet")
+    table = pq.read_table(polaris_files.training_parquet)
     reversed_path = tmp_path / "reversed.parquet"
     pq.write_table(table.take(list(range(table.num_rows - 1, -1, -1))), reversed_path)
     shuffled = load_prompts(reversed_path, require_reference=True)
     assert {r.uid: r.prompt_text for r in shuffled} == {r.uid: r.prompt_text for r in once}
 
 
-# ---------------------------------------------------------------- the release schema
+@pytest.mark.parametrize("suffix,uids", [("parquet", ["0", "1", "2"]), ("jsonl", ["r0", "1", "r2"])])
+def test_release_files_load_with_integer_and_string_uids(polaris_files, suffix, uids):
+    records = load_prompts(getattr(polaris_files, f"release_{suffix}"), require_reference=True)
+    assert [r.uid for r in records] == uids
+    assert [r.target_words for r in records] == [800, 900, 700]
+    assert records[1].prompt_text.endswith("approximately 900 words long.")
+    assert records[2].story.startswith("On Monday the bronze runner") and records[2].reasoning.startswith("Slow")
 
 
 def test_release_schema_jsonl_loads(tmp_path):
@@ -182,7 +185,9 @@ def _empty_parquet(path):
 
 
 def _truncated_parquet(path):
-    path.write_bytes((SMOKE / "smoke_train.parquet").read_bytes()[:1500])
+    full = path.with_suffix(".full")
+    pq.write_table(pa.Table.from_pylist([release_row(str(i)) for i in range(20)]), full)
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
 
 
 def _bad_target_parquet(path):

@@ -3,7 +3,8 @@ import json
 
 import matplotlib.image
 
-from actors.tracking import SUMMARY_PANELS, Tracker, redact, write_summary_figure
+from actors import tracking
+from actors.tracking import Tracker, redact, write_summary_figure
 
 
 def test_secret_values_are_masked_and_the_names_of_their_variables_kept():
@@ -15,14 +16,27 @@ def test_secret_values_are_masked_and_the_names_of_their_variables_kept():
     assert "AIza-secret" not in json.dumps(clean) and config["judge"]["api_key"] == "AIza-secret"
 
 
-def test_the_summary_figure_plots_every_logged_step(tmp_path):
-    rows = [{"step": s, "reward/mean": -0.5 + 0.1 * s, "length/ratio_mean": 0.6, "judge/spend_usd_total": 0.1 * s,
-             "time/step": 8.0} for s in range(4)]
+def test_the_summary_figure_plots_every_logged_step(tmp_path, monkeypatch):
+    rows = [{"step": 1, "reward/mean": -0.5, "length/ratio_mean": 0.6, "judge/spend_usd_total": 0.01, "time/step": 8.0},
+            {"step": 2, "reward/mean": -0.25, "length/ratio_mean": 0.7, "judge/spend_usd_total": 0.02, "time/step": 7.5},
+            {"step": 3, "reward/mean": 0.0, "length/ratio_mean": 0.9, "judge/spend_usd_total": 0.03, "time/step": None},
+            {"step": 5, "reward/mean": 0.25, "length/ratio_mean": 1.1, "judge/spend_usd_total": 0.05, "time/step": 9.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    draw = tracking.summary_figure
+    monkeypatch.setattr(tracking, "summary_figure", lambda *a: drawn.append(draw(*a)) or drawn[-1])
     out = write_summary_figure(tmp_path / "metrics.jsonl", tmp_path / "summary.png")
+    (figure,) = drawn  # the figure written to summary.png
+    assert figure.get_suptitle() == f"{tmp_path.name}: 4 steps"
+    assert [len(ax.lines) for ax in figure.axes] == [1, 1, 1, 1]
+    assert {ax.get_title(): (list(ax.lines[0].get_xdata()), list(ax.lines[0].get_ydata())) for ax in figure.axes} == {
+        "reward (mean)": ([1, 2, 3, 5], [-0.5, -0.25, 0.0, 0.25]),
+        "length ratio (words / target)": ([1, 2, 3, 5], [0.6, 0.7, 0.9, 1.1]),
+        "judge spend (USD, total)": ([1, 2, 3, 5], [0.01, 0.02, 0.03, 0.05]),
+        "step time (s)": ([1, 2, 5], [8.0, 7.5, 9.0]),  # step 3 logged no time
+    }
     height, width, _ = matplotlib.image.imread(out).shape
     assert (width, height) == (1000, 650)
-    assert all(key in rows[0] for key, _ in SUMMARY_PANELS)
     assert write_summary_figure(tmp_path / "none.jsonl", tmp_path / "x.png") is None
 
 

@@ -3,18 +3,25 @@ periodically into its own file; its checkpoint, exported, is evaluated against t
 table, CSV, figure and jsonl. Plus the subset, the refusals and the report's table."""
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 
 from actors.data import PromptRecord
-from eval.metrics import bucket_edges, bucket_of
+from eval.metrics import EvalRecord, bucket_edges, bucket_of, summarize
+from eval.report import quality_figure
 from eval.run import checkpoint_folders, validation_subset
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def launch(args, env, timeout=900):
@@ -40,10 +47,10 @@ def test_periodic_validation_writes_its_own_rows(trained):
     out, _, _, stdout = trained
     rows = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0] and rows[0]["count"] == 12  # conf=tiny: eval.subset_size=12
-    assert rows[0]["failed"] == 0 and rows[0]["quality/aggregate"] is not None
+    assert rows[0]["failed"] == 0 and finite(rows[0]["quality/aggregate"])
     assert rows[0]["bucket1/count"] == 2 and rows[0]["weight_version"] == 1  # after the step's weight sync
     stories = [json.loads(line) for line in (out / "validation" / "step_000000.jsonl").read_text().splitlines()]
-    assert len(stories) == 12 and all(s["quality"] is not None for s in stories)
+    assert len(stories) == 12 and all(finite(s["quality"]) for s in stories)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and not any(k.startswith(("quality", "bucket")) for k in metrics[0])
     assert metrics[0]["judge/stories"] == 48  # the validation's stories are not in the step's counters
@@ -71,7 +78,8 @@ def test_eval_of_an_exported_checkpoint_against_the_base_model(trained, tiny_mod
         by_bucket.setdefault((s["checkpoint"], s["bucket"]), []).append(s["quality"])
     first = [r for r in rows if r["checkpoint"] == "exported" and r["row"] == "[35,70)"][0]
     assert float(first["quality"]) == pytest.approx(sum(by_bucket[("exported", 0)]) / 4)
-    assert (folder / "quality_by_length.png").stat().st_size > 10_000
+    height, width, _ = matplotlib.image.imread(folder / "quality_by_length.png").shape
+    assert (width, height) == (1100, 420)  # the figure (its data: test_the_figure_plots_each_checkpoints_buckets)
     assert list((folder / "wandb").glob("offline-run-*")), "W&B offline run files"
 
 
@@ -106,3 +114,18 @@ def test_validation_subset_is_fixed_and_spread_over_the_buckets():
     assert sorted(bucket_of(p.target_words, edges) for p in subset) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     outside = PromptRecord("x", ({"role": "user", "content": "hi"},), 5000, None, None)
     assert outside not in validation_subset([*prompts, outside], 100, 0.035)
+
+
+def test_the_figure_plots_each_checkpoints_buckets():
+    # scale 1: buckets [1000,2000) [2000,4000) [4000,6000) [6000,8000) [8000,10000) [10000,12000],
+    # centres 1500, 3000, 5000, 7000, 9000, 11000
+    a = [EvalRecord("a1", 1500, 1200, 40.0, 100.0), EvalRecord("a2", 1500, 1800, 60.0, 100.0),  # 50, ratio 1.0
+         EvalRecord("a3", 3000, 3000, None, 100.0),  # judgment failed: a length ratio, no quality
+         EvalRecord("a4", 5000, 2500, 30.0, 0.0)]  # 30, ratio 0.5
+    b = [EvalRecord("b1", 11000, 11000, 70.0, 100.0)]
+    fig = quality_figure({"a": summarize(a, bucket_edges(1.0)), "b": summarize(b, bucket_edges(1.0))}, 1.0)
+    quality, ratio = fig.axes
+    lines = {(ax, line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
+             for ax in (quality, ratio) for line in ax.lines if not line.get_label().startswith("_")}  # not the rules
+    assert lines == {(quality, "a"): ([1500, 5000], [50.0, 30.0]), (quality, "b"): ([11000], [70.0]),
+                     (ratio, "a"): ([1500, 3000, 5000], [1.0, 1.0, 0.5]), (ratio, "b"): ([11000], [1.0])}

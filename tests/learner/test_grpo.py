@@ -1,4 +1,4 @@
-"""GRPO + HRI math against hand-computed values (DESIGN.md section 2)."""
+"""GRPO + HRI math against hand-computed values (docs/design.md#the-algorithm)."""
 
 import math
 

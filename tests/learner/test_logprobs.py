@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from learner.logprobs import token_logprobs
+from learner.worker import flush_denormals
 
 pytestmark = pytest.mark.slow  # builds the tiny model once per session
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow  # builds the tiny model once per session
 def model(tiny_model_path):
     from transformers import AutoModelForCausalLM
 
-    torch.set_flush_denormal(True)
+    flush_denormals()
     return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
 
 

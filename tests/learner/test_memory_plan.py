@@ -47,32 +47,78 @@ def test_qwen3_5_9b_shape_matches_the_hand_count():
     assert shape.extra_engine_params == VISION
 
 
-def test_polaris_plan_equals_the_hand_calculation():
-    """conf=polaris: 2 learner ranks ZeRO-3 bf16, 2 vLLM engines of tp 1, 80 GiB GPUs."""
-    plan = polaris_plan()
-    world, tokens, chunk = 2, 16384, 1024  # max_tokens_per_micro_batch (> one 256 + 8192 row)
+# A small hybrid model, small enough to count by hand: hidden 64, intermediate 128, vocabulary 256,
+# 4 layers (linear, full, linear, full), 4 heads / 2 KV heads of 16, Gated DeltaNet 2 key / 4 value
+# heads of 8, conv kernel 4, untied embeddings.
+SMALL = {"model_type": "qwen3_5_text", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+         "layer_types": ["linear_attention", "full_attention"] * 2, "linear_conv_kernel_dim": 4,
+         "linear_key_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+         "linear_value_head_dim": 8, "tie_word_embeddings": False}
+# full layer: q + gate 64x128 = 8192, k and v 2 x 64x32 = 4096, o 64x64 = 4096, q/k norms 32,
+#   MLP 3 x 64x128 = 24576, 2 norms 128: 41120
+# linear layer: conv dim 2x2x8 + 4x8 = 64; qkv 64x64 = 4096, z 64x32 = 2048, b/a 2x64x4 = 512,
+#   conv 64x4 = 256, dt_bias/A_log 8, norm 8, out 32x64 = 2048, MLP and norms 24704: 33680
+# P = embeddings 2 x 256x64 = 32768 + final norm 64 + 2 x 41120 + 2 x 33680 = 182432
+SMALL_P = 182_432
+
+
+def test_small_plan_equals_numbers_worked_out_by_hand():
+    shape = ModelShape.from_hf_config(SMALL)
+    assert shape.params == SMALL_P
+    engine = EngineSetup(num_engines=1, tensor_parallel_size=4, max_model_len=300, concurrent_sequences=5,
+                         gpu_memory_utilization=0.5, dtype="bfloat16")
+    # 2 ranks, ZeRO-3, bf16, checkpointing, 512 tokens per micro-batch, chunks of 128 positions from 2 rows
+    zero3 = LearnerSetup(world_size=2, zero_stage=3, dtype="bfloat16", gradient_checkpointing=True,
+                         tokens_per_micro_batch=512, logprob_chunk_tokens=128, logit_rows=2)
+    plan = plan_memory(shape, zero3, engine, 16)
     assert plan.learner.gpu == {
-        "weights": P * 2 // world,  # bf16, sharded under ZeRO-3
-        "gradients": P * 2 // world,
-        "optimizer states": P * (4 + 4 + 4) // world,  # fp32 m, v, master weights
-        "ZeRO-3 gathered module + grad": 2 * V * H * 2,  # the lm_head gathered, and its full gradient
-        "activations: layer checkpoints": L * tokens * H * 2,
-        "activations: one layer": tokens * (10 * H + 4 * I) * 2,
-        "logits chunk": chunk * V * 4 * 3,
+        "weights": 182_432,  # 182432 x 2 bytes / 2 ranks
+        "gradients": 182_432,  # the same
+        "optimizer states": 1_094_592,  # 182432 x (4 + 4 + 4: fp32 m, v, master) / 2
+        "ZeRO-3 gathered module + grad": 164_480,  # a full layer (41120 > 256x64 = 16384) x 2 x 2 bytes
+        "activations: layer checkpoints": 262_144,  # 4 layers x 512 tokens x 64 x 2 bytes
+        "activations: one layer": 1_179_648,  # 512 x (10 x 64 + 4 x 128 = 1152) x 2 bytes
+        "logits chunk": 786_432,  # min(2 x 128, 512) = 256 positions x 256 x 4 bytes x 3 copies
         "overhead": 3 * GIB,
     }
     assert plan.learner.cpu == {}
-    seqs, max_len = 6 * 8 // 2, 256 + 8192  # rollout.n x prompts per step over 2 engines
+    # engine, tp 4: weights 182432 x 2 bytes / 4; KV cache 2 layers x (K, V) x 1 head (2 KV heads
+    # over 4 ranks, at least 1) x 16 x 2 bytes x 300 tokens x 5 sequences; linear state 2 layers
+    # x 5 sequences x (1 value head (4 / 4) x 8 x 8 x 4 bytes + 64 / 4 conv channels x 3 x 2 bytes)
     assert plan.engine.gpu == {
-        "weights": (P + VISION) * 2,
-        "KV cache (full-attention layers)": 8 * 2 * 4 * 256 * 2 * max_len * seqs,  # K and V, 4 kv heads
-        "linear-attention state": 24 * (32 * 128 * 128 * 4 + CONV_DIM * 3 * 2) * seqs,  # fp32 state + conv
+        "weights": 91_216,
+        "KV cache (full-attention layers)": 192_000,
+        "linear-attention state": 3_520,  # 10 x (256 + 96)
         "overhead": 3 * GIB,
     }
-    assert plan.engine.budget == int(0.85 * 80 * GIB)
-    # the same in GiB: 8.34 + 8.34 + 50.03 + 3.79 + 4.00 + 2.75 + 2.84 + 3.00 = 83.09 > 80
+    assert plan.engine.budget == 8 * GIB  # 0.5 x 16 GiB
+
+    # 4 ranks, ZeRO-2, fp32, no checkpointing, the optimizer on CPU, the logits at once
+    offload = LearnerSetup(world_size=4, zero_stage=2, dtype="float32", gradient_checkpointing=False,
+                           tokens_per_micro_batch=512, logprob_chunk_tokens=0, offload_optimizer=True)
+    plan = plan_memory(shape, offload, engine, 16)
+    assert plan.learner.gpu == {
+        "weights": 729_728,  # 182432 x 4 bytes, whole under ZeRO-2
+        "gradients": 182_432,  # 182432 x 4 / 4 ranks
+        "activations: all layers": 9_437_184,  # 4 layers x 512 x 1152 x 4 bytes
+        "logits chunk": 1_572_864,  # all 512 positions x 256 x 4 bytes x 3
+        "overhead": 3 * GIB,
+    }
+    assert plan.learner.cpu == {"optimizer states": 364_864,  # 182432 x 8 (m, v; fp32 needs no master) / 4
+                                "gradients (fp32, CPU Adam)": 182_432}  # 182432 x 4 / 4
+
+
+def test_polaris_plan_totals():
+    """conf=polaris: 2 learner ranks ZeRO-3 bf16, 2 vLLM engines of tp 1, 80 GiB GPUs."""
+    plan = polaris_plan()
+    # GiB: weights 8.34 + gradients 8.34 + optimizer 50.03 + lm_head gathered 3.79 + checkpoints 4.00
+    # + one layer 2.75 + logits 2.84 + overhead 3.00 = 83.09 > 80
     assert plan.learner.gpu_total / GIB == pytest.approx(83.09, abs=0.01)
+    assert plan.learner.cpu == {}
+    # weights with the vision tower 17.53 + KV cache 6.19 + linear state 1.15 + overhead 3.00
     assert plan.engine.gpu_total / GIB == pytest.approx(17.53 + 6.19 + 1.15 + 3.00, abs=0.01)
+    assert plan.engine.budget == int(0.85 * 80 * GIB)
 
 
 def test_polaris_on_80gib_gpus_is_refused_with_the_numbers_and_the_knobs():

@@ -39,6 +39,19 @@ def with_engine_logprobs(row: TrainRow, logprobs, policy_lag: int) -> TrainRow:
 
 # --- configuration ---
 
+
+def test_denormals_are_flushed_without_numpy_warning_that_its_smallest_subnormal_is_zero():
+    """In a fresh process (the flush is process-wide), with warnings as errors: numpy's float limits,
+    which matplotlib and W&B read at the end of every run, come out right and silently."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, torch; from learner.worker import flush_denormals; flush_denormals(); "
+            "assert (torch.tensor([1e-40]) * 1.0).item() == 0.0, 'not flushed'; "
+            "[str(np.finfo(t)) + str(np.finfo(t).smallest_subnormal) for t in (np.float32, np.float64)]")
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
 def test_offload_is_refused_where_the_zero_stage_cannot_do_it(learner_settings):
     settings = learner_settings
     with pytest.raises(ValueError, match="learner.offload_optimizer"):

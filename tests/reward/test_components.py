@@ -1,4 +1,4 @@
-"""Reward components against hand-computed values (DESIGN.md section 2, "Reward per story")."""
+"""Reward components against hand-computed values (docs/design.md#per-story)."""
 
 import dataclasses
 

@@ -1,15 +1,17 @@
 """Judge (retries, deadline, limiter) over the Gemini API, end to end on 127.0.0.1 through google-genai."""
 
 import asyncio
+import contextlib
 import json
 import socket
-import time
+import threading
 
 import pytest
 
 from conf.errors import EnvironmentSetupError, JudgeError
 from reward import rubric
 from reward.gemini_api import VERTEX_FLEX_HEADERS, GeminiJudgeAPI
+from reward.judge_api import RawAnswer
 from reward.judge_client import Judge, JudgeSettings, RetryPolicy, make_api
 from reward.judge_server import Faults, LocalJudgeServer
 from reward.limiter import RateLimiter, RateLimits
@@ -77,6 +79,84 @@ def recording_sleep(delays):
     return sleep
 
 
+class WireTap:
+    """A TCP relay in front of a judge server that keeps the raw bytes the client sent, before the
+    server (which drops key headers from what it records) sees them."""
+
+    def __init__(self, port: int):
+        self.sent: list[bytearray] = []  # one per connection
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, args=(port,), daemon=True).start()
+
+    def _accept(self, port: int) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", port))
+            self.sent.append(bytearray())
+            threading.Thread(target=self._pipe, args=(client, upstream, self.sent[-1]), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst, record) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if record is not None:
+                    record += data
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def key_lines(self) -> list[str]:
+        """Every line of the client's traffic that holds KEY. The key in a request line, a query
+        string or a body shows up here as a line that is not the expected header."""
+        raw = b"".join(self.sent).decode("latin-1")
+        return [line for line in raw.split("\r\n") if KEY in line]
+
+    def requests(self) -> int:
+        return b"".join(self.sent).count(b" HTTP/1.1\r\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
+        self._listener.close()
+
+
+def overall_by_hand(scores: dict, *, evaluation: bool = False) -> float:
+    """reward/rubric.py's rule written out: P - N + B' - Pen' with B' = 0 if N > P/2 else B,
+    Pen' = min(Pen, 3) if P > 1.5 N else Pen, clipped to [-159, 108]; evaluation min(100, P - N + B)."""
+    p = sum(scores[k] for k in ("plot", "character", "prose", "structure", "originality", "emotional_impact"))
+    n = sum(scores[k] for k in ("cliche", "purple_prose", "incoherence", "repetition", "unresolved_threads",
+                                "telling_not_showing", "flat_dialogue", "pacing", "meta_artifacts", "prompt_neglect"))
+    if evaluation:
+        return min(100, p - n + scores["bonus"])
+    bonus = 0 if n > p / 2 else scores["bonus"]
+    penalty = min(scores["penalty"], 3) if p > 1.5 * n else scores["penalty"]
+    return max(-159, min(108, p - n + bonus - penalty))
+
+
+class FixedAnswer:
+    """A JudgeAPI that always answers the same scores."""
+
+    name = "fixed"
+
+    def __init__(self, scores: dict):
+        self.text = json.dumps({k: {"evidence": "", "score": v} for k, v in scores.items()})
+
+    async def send(self, req, *, timeout_s, standard_tier=False):
+        return RawAnswer(self.text, 100, 50)
+
+    async def aclose(self):
+        pass
+
+
 def test_better_story_scores_higher(server):
     good, rep, short = judge_all(server.base_url, [GOOD, REPETITIVE, SHORT])
     assert all(r.ok and r.error is None and r.attempts == 1 for r in (good, rep, short))
@@ -85,8 +165,19 @@ def test_better_story_scores_higher(server):
     assert rep.judgment.scores["repetition"] == 15
     assert short.judgment.scores["unresolved_threads"] > good.judgment.scores["unresolved_threads"]
     for r in (good, rep, short):
-        assert rubric.OVERALL_MIN <= r.overall <= rubric.OVERALL_MAX
-        assert r.overall == rubric.overall_score(r.judgment)
+        assert r.overall == overall_by_hand(r.judgment.scores)
+
+
+def test_overall_of_a_fixed_judgment():
+    scores = dict.fromkeys(rubric.DIMENSIONS, 0)
+    scores.update(plot=15, character=20, prose=10, originality=15, cliche=12, pacing=8, bonus=5, penalty=6)
+    # P = 15 + 20 + 10 + 15 = 60, N = 12 + 8 = 20: N <= P/2 keeps the bonus 5, P > 1.5 N caps
+    # the penalty 6 at 3; training 60 - 20 + 5 - 3 = 42, evaluation 60 - 20 + 5 = 45
+
+    async def go(evaluation):
+        judge = Judge(FixedAnswer(scores), evaluation=evaluation)
+        return (await judge.judge(PROMPT, GOOD)).overall
+    assert asyncio.run(go(False)) == 42 and asyncio.run(go(True)) == 45
 
 
 def test_same_input_same_score(server):
@@ -105,7 +196,10 @@ def test_usage_tokens_reported(server):
 
 
 def test_request_config_and_key_hygiene(server):
-    judge_all(server.base_url, [SHORT])
+    with WireTap(server.port) as tap:
+        judge_all(tap.base_url, [SHORT])
+    # what the client sent: the key in its header, once per request, nowhere else
+    assert tap.requests() == 1 and tap.key_lines() == [f"x-goog-api-key: {KEY}"]
     req = server.requests[-1]
     cfg = req["body"]["generationConfig"]
     assert cfg["temperature"] == 0.2 and cfg["topP"] == 0.9
@@ -115,7 +209,6 @@ def test_request_config_and_key_hygiene(server):
     assert req["body"]["serviceTier"] == "flex"
     assert req["body"]["systemInstruction"]["parts"][0]["text"] == rubric.SYSTEM_INSTRUCTION
     assert req["path"].endswith("/models/gemini-3-flash-preview:generateContent")
-    assert KEY not in json.dumps(req)  # the server keeps no key header
 
 
 def test_vertex_flex_uses_headers_not_service_tier(server):
@@ -163,18 +256,19 @@ def test_retries_are_bounded_and_errors_hide_the_key():
 
 
 def test_hang_past_the_timeout_is_retried():
-    with LocalJudgeServer(faults=Faults(script=["hang"], hang_s=30)) as srv:
-        t0 = time.monotonic()
+    with LocalJudgeServer(faults=Faults(script=["hang"])) as srv:  # hang_s: an hour
         (r,) = judge_all(srv.base_url, [GOOD], timeout_s=0.5, backoff_s=0.001)
-        assert time.monotonic() - t0 < 5
-    assert r.ok and r.attempts == 2
+    answered = srv.stats()["answered"]
+    assert r.ok and r.attempts == 2 and len(srv.requests) == 2
+    assert answered["hang"] == 0 and answered["ok"] == 1  # the client gave up on the hang
 
 
 def test_per_story_deadline_bounds_the_retries():
+    delays = []
     with LocalJudgeServer(faults=Faults(p_429=1.0, retry_after_s=5)) as srv:
-        t0 = time.monotonic()
-        (r,) = judge_all(srv.base_url, [GOOD], max_attempts=10, deadline_s=2.0, backoff_s=0.001)
-        assert time.monotonic() - t0 < 2.0  # a 5 s Retry-After cannot fit: give up at once
+        (r,) = judge_all(srv.base_url, [GOOD], max_attempts=10, deadline_s=2.0, backoff_s=0.001,
+                         sleep=recording_sleep(delays))
+        assert delays == []  # a 5 s Retry-After cannot fit: give up at once, no wait
         assert len(srv.requests) == 1
     assert not r.ok and "deadline" in r.error and r.attempts == 1
 
@@ -222,16 +316,23 @@ def test_preflight_fails_fast_when_the_judge_is_unreachable():
     port = sock.getsockname()[1]
     sock.close()  # nothing listens here now
 
+    sends, delays = [], []
+
     async def go():
-        judge = make_judge(f"http://127.0.0.1:{port}")
+        judge = make_judge(f"http://127.0.0.1:{port}", sleep=recording_sleep(delays))
+        send = judge.api.send
+
+        async def counted(*args, **kwargs):
+            sends.append(1)
+            return await send(*args, **kwargs)
+        judge.api.send = counted
         try:
             await judge.preflight(timeout_s=30)
         finally:
             await judge.aclose()
-    t0 = time.monotonic()
-    with pytest.raises(JudgeError, match="cannot reach") as err:
+    with pytest.raises(JudgeError, match="cannot reach") as err:  # not "did not answer within 30s"
         asyncio.run(go())
-    assert time.monotonic() - t0 < 5
+    assert sends == [1] and delays == []  # one attempt, no retry
     assert KEY not in str(err.value)
 
 
@@ -251,8 +352,9 @@ def test_openai_compatible_backend_judges_with_retries_and_the_key_from_the_envi
     from reward.judge_client import make_judge as judge_from_settings
 
     monkeypatch.setenv("POLARIS_TEST_OPENAI_KEY", KEY)
-    with LocalJudgeServer(faults=Faults(script=["429", "schema"], retry_after_s=0)) as srv:
-        settings = JudgeSettings(backend="openai", model="gpt-5.4", base_url=srv.base_url + "/v1",
+    with LocalJudgeServer(faults=Faults(script=["429", "schema"], retry_after_s=0)) as srv, \
+            WireTap(srv.port) as tap:
+        settings = JudgeSettings(backend="openai", model="gpt-5.4", base_url=tap.base_url + "/v1",
                                  api_key_env="POLARIS_TEST_OPENAI_KEY", temperature=0.2, seed=42,
                                  retry=RetryPolicy(backoff_s=0.001), evaluation=True)
 
@@ -264,8 +366,8 @@ def test_openai_compatible_backend_judges_with_retries_and_the_key_from_the_envi
                 await judge.aclose()
         r = asyncio.run(go())
         body = srv.requests[-1]["body"]
-        assert KEY not in json.dumps(srv.requests)
+    assert tap.requests() == 3 and tap.key_lines() == [f"Authorization: Bearer {KEY}"] * 3
     assert r.ok and r.attempts == 3 and r.input_tokens > 0
-    assert r.overall == rubric.overall_score(r.judgment, evaluation=True)
+    assert r.overall == overall_by_hand(r.judgment.scores, evaluation=True)
     assert body["model"] == "gpt-5.4" and body["seed"] == 42 and body["temperature"] == 0.2
     assert body["response_format"]["json_schema"]["schema"] == rubric.response_json_schema()

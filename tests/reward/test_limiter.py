@@ -1,14 +1,50 @@
-"""The project-wide rate limiter: sliding windows of requests and tokens, in-flight cap, FIFO."""
+"""The project-wide rate limiter: sliding windows of requests and tokens, in-flight cap, FIFO.
+Every case runs on an event loop with virtual time (the limiter's clock is the loop's): grant
+times are exact, whatever the load on this machine."""
 import asyncio
-import time
+import selectors
 
 import pytest
 
 from reward.limiter import RateLimiter, RateLimits
 
 
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """When nothing is ready, time jumps to the next timer instead of passing; with no timer
+    either, nothing could ever wake a waiter: an error, not a hang."""
+
+    def __init__(self):
+        super().__init__(selectors.DefaultSelector())
+        self._now = 0.0
+        select = self._selector.select
+
+        def jump(timeout=None):
+            events = select(0)
+            if not events and timeout is None:
+                raise RuntimeError("deadlock: tasks wait and no timer is set")
+            if not events:
+                self._now += timeout
+            return events
+        self._selector.select = jump
+
+    def time(self) -> float:
+        return self._now
+
+
 def run(coro):
-    return asyncio.run(coro)
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def limiter(limits):
+    return RateLimiter(limits, clock=asyncio.get_running_loop().time)
+
+
+def now():
+    return asyncio.get_running_loop().time()
 
 
 def max_in_any_window(times, span):
@@ -19,87 +55,82 @@ def test_requests_per_window_never_exceeded_and_first_burst_is_immediate():
     limits = RateLimits(rpm=5, burst=5, window_s=0.6, margin_s=0.1)
 
     async def go():
-        limiter, grants, t0 = RateLimiter(limits), [], time.monotonic()
+        lim, grants = limiter(limits), []
 
         async def one():
-            lease = await limiter.acquire()
-            grants.append(time.monotonic() - t0)
-            limiter.release(lease)
+            lease = await lim.acquire()
+            grants.append(now())
+            lim.release(lease)
         await asyncio.gather(*(one() for _ in range(12)))
         return grants
     grants = sorted(run(go()))
-    assert len(grants) == 12
-    assert grants[4] < 0.1  # the first 5 go at once
-    assert max_in_any_window(grants, 0.7 - 0.02) <= 5  # window + margin, minus timer slack
-    assert grants[5] >= 0.68 and grants[10] >= 1.38  # then 5 more each span, not sooner
+    # 5 at once; the next 5 when the first leave the 0.7 s span (window + margin; the timer
+    # fires 1 ms after the change), the last 2 one span later
+    assert grants == pytest.approx([0.0] * 5 + [0.701] * 5 + [1.402] * 2, abs=1e-9)
+    assert max_in_any_window(grants, 0.7) <= 5
 
 
 def test_requests_are_paced_at_the_limits_rate_after_the_burst():
     limits = RateLimits(rpm=20, burst=2, window_s=1.0, margin_s=0.0)
 
     async def go():
-        limiter, grants, t0 = RateLimiter(limits), [], time.monotonic()
+        lim, grants = limiter(limits), []
         for _ in range(8):
-            limiter.release(await limiter.acquire())
-            grants.append(time.monotonic() - t0)
+            lim.release(await lim.acquire())
+            grants.append(now())
         return grants
-    grants = run(go())
-    assert grants[1] < 0.02  # the burst goes back to back
-    # then one per window / rpm = 50 ms: grant k no earlier than (k - 1) x 50 ms (the bucket refills
-    # continuously, so a timer that fired late is made up by the next gap), and none much later
-    assert all(g >= (k - 1) * 0.05 - 1e-3 for k, g in enumerate(grants) if k >= 2), grants
-    gaps = [b - a for a, b in zip(grants[1:], grants[2:])]
-    assert all(g < 0.1 for g in gaps) and grants[-1] < 6 * 0.05 + 0.1, grants
+    # the burst of 2 back to back, then one per window / rpm = 50 ms: the bucket refills
+    # continuously, so the 1 ms timer slack is made up by the next gap and never accumulates
+    assert run(go()) == pytest.approx([0.0, 0.0, 0.051, 0.101, 0.151, 0.201, 0.251, 0.301], abs=1e-9)
 
 
 def test_in_flight_cap_waits_for_a_release():
     async def go():
-        limiter = RateLimiter(RateLimits(max_in_flight=2))
-        a, b = await limiter.acquire(), await limiter.acquire()
-        third = asyncio.ensure_future(limiter.acquire())
-        await asyncio.sleep(0.05)
-        assert not third.done() and limiter.stats()["waiting"] == 1
-        limiter.release(a)
-        c = await asyncio.wait_for(third, 1)
-        assert limiter.stats()["in_flight"] == 2
-        limiter.release(b)
-        limiter.release(c)
-        limiter.release(c)  # twice is harmless
-        assert limiter.stats()["in_flight"] == 0
+        lim = limiter(RateLimits(max_in_flight=2))
+        a, b = await lim.acquire(), await lim.acquire()
+        third = asyncio.ensure_future(lim.acquire())
+        await asyncio.sleep(60)
+        assert not third.done() and lim.stats()["waiting"] == 1
+        lim.release(a)
+        c = await third
+        assert lim.stats()["in_flight"] == 2 and now() == 60  # granted at the release
+        lim.release(b)
+        lim.release(c)
+        lim.release(c)  # twice is harmless
+        assert lim.stats()["in_flight"] == 0
     run(go())
 
 
 def test_input_tokens_per_window_use_the_actual_usage_once_known():
     async def go():
-        limiter = RateLimiter(RateLimits(input_tpm=100, window_s=0.5, margin_s=0.0))
-        first = await limiter.acquire(60)
-        second = asyncio.ensure_future(limiter.acquire(60))
+        lim = limiter(RateLimits(input_tpm=100, window_s=0.5, margin_s=0.0))
+        first = await lim.acquire(60)
+        second = asyncio.ensure_future(lim.acquire(60))
         await asyncio.sleep(0.05)
         assert not second.done()  # 60 + 60 > 100
-        limiter.release(first, actual_tokens=10)  # the estimate was high: 10 + 60 fits
-        await asyncio.wait_for(second, 0.1)
-        assert limiter.stats()["tokens_in_window"] == 70
+        lim.release(first, actual_tokens=10)  # the estimate was high: 10 + 60 fits
+        await second
+        assert lim.stats()["tokens_in_window"] == 70 and now() == 0.05  # at once, not when 60 left
     run(go())
 
 
 def test_a_request_larger_than_the_token_limit_goes_alone():
     async def go():
-        limiter = RateLimiter(RateLimits(input_tpm=100, window_s=0.3, margin_s=0.0))
-        t0 = time.monotonic()
-        limiter.release(await limiter.acquire(50))
-        limiter.release(await limiter.acquire(500))  # waits for the window to empty, then goes
-        return time.monotonic() - t0
-    assert 0.28 <= run(go()) < 1.0
+        lim = limiter(RateLimits(input_tpm=100, window_s=0.3, margin_s=0.0))
+        lim.release(await lim.acquire(50))
+        lim.release(await lim.acquire(500))  # waits for the window to empty, then goes
+        return now()
+    assert run(go()) == pytest.approx(0.301, abs=1e-9)  # the 50 leave at 0.3, the timer fires 1 ms later
 
 
 def test_fifo_a_big_request_is_not_starved_by_small_ones():
     async def go():
-        limiter = RateLimiter(RateLimits(input_tpm=100, window_s=0.3, margin_s=0.0))
-        limiter.release(await limiter.acquire(90))
+        lim = limiter(RateLimits(input_tpm=100, window_s=0.3, margin_s=0.0))
+        lim.release(await lim.acquire(90))
         order = []
 
         async def one(name, tokens):
-            limiter.release(await limiter.acquire(tokens))
+            lim.release(await lim.acquire(tokens))
             order.append(name)
         big = asyncio.ensure_future(one("big", 50))
         await asyncio.sleep(0.01)
@@ -110,24 +141,23 @@ def test_fifo_a_big_request_is_not_starved_by_small_ones():
 
 def test_a_cancelled_acquire_takes_nothing():
     async def go():
-        limiter = RateLimiter(RateLimits(max_in_flight=1))
-        held = await limiter.acquire()
+        lim = limiter(RateLimits(max_in_flight=1))
+        held = await lim.acquire()
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(limiter.acquire(), 0.05)
-        limiter.release(held)
-        await asyncio.wait_for(limiter.acquire(), 0.5)
-        assert limiter.stats()["in_flight"] == 1 and limiter.granted == 2
+            await asyncio.wait_for(lim.acquire(), 0.05)
+        lim.release(held)
+        await lim.acquire()
+        assert lim.stats()["in_flight"] == 1 and lim.granted == 2 and lim.stats()["waiting"] == 0
     run(go())
 
 
 def test_a_lease_whose_holder_died_is_reclaimed():
     async def go():
-        limiter = RateLimiter(RateLimits(max_in_flight=1, lease_ttl_s=0.2))
-        await limiter.acquire()  # never released
-        t0 = time.monotonic()
-        await asyncio.wait_for(limiter.acquire(), 2)
-        return time.monotonic() - t0
-    assert 0.15 <= run(go()) < 1.0
+        lim = limiter(RateLimits(max_in_flight=1, lease_ttl_s=0.2))
+        await lim.acquire()  # never released
+        await lim.acquire()
+        return now()
+    assert run(go()) == pytest.approx(0.201, abs=1e-9)  # reclaimed past its 0.2 s TTL (+1 ms timer)
 
 
 def test_invalid_limits_are_refused():
@@ -137,19 +167,19 @@ def test_invalid_limits_are_refused():
 
 def test_try_acquire_grants_the_batch_prefix_that_fits_and_nothing_while_someone_waits():
     async def go():
-        limiter = RateLimiter(RateLimits(max_in_flight=3))
-        batch = limiter.try_acquire([0, 0, 0, 0, 0])
+        lim = limiter(RateLimits(max_in_flight=3))
+        batch = lim.try_acquire([0, 0, 0, 0, 0])
         assert len(batch) == 3 and len(set(batch)) == 3  # the cap: the other two acquire one by one
-        queued = asyncio.ensure_future(limiter.acquire())
+        queued = asyncio.ensure_future(lim.acquire())
         await asyncio.sleep(0.01)
-        limiter.release(batch[0])
+        lim.release(batch[0])
         await asyncio.sleep(0.01)
         assert queued.done()
-        blocked = asyncio.ensure_future(limiter.acquire())  # waits: the cap is reached again
+        blocked = asyncio.ensure_future(lim.acquire())  # waits: the cap is reached again
         await asyncio.sleep(0.01)
-        limiter.release(batch[1])  # room for one, but the queued request comes first
-        assert limiter.try_acquire([0]) == []
+        lim.release(batch[1])  # room for one, but the queued request comes first
+        assert lim.try_acquire([0]) == []
         await asyncio.sleep(0.01)
-        assert blocked.done() and limiter.stats()["in_flight"] == 3
+        assert blocked.done() and lim.stats()["in_flight"] == 3
 
     run(go())

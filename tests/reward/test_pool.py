@@ -14,7 +14,7 @@ from reward.judge_client import JudgeSettings, RetryPolicy
 from reward.judge_server import Faults, LocalJudgeServer
 from reward.limiter import LimiterService, RateLimits, RemoteLimiter
 from reward.pool import RewardPool
-from reward.spend import Prices, dollars
+from reward.spend import Prices
 from reward.worker import RewardWorker, ScoringJob
 
 STORY = ("<think>\nplan the turn\n</think>\n\nMara counted ships. \"Nine winters,\" she said, and the lamp "
@@ -27,6 +27,12 @@ POOLS = itertools.count()
 def jobs(n, tag="s"):
     return [ScoringJob(f"u{i}/{tag}", f"Write about ship {i}. The story should be approximately 60 words long.",
                        STORY.replace("Nine", f"Nine-{i}-{tag}"), 60, 80, 6, False) for i in range(n)]
+
+
+def flex_usd(billed):
+    """The server's billed tokens at the default Gemini Flash prices, by hand: $0.50 per million
+    input tokens, $3.00 per million output tokens (thoughts are output), flex at half price."""
+    return (billed["input_tokens"] * 0.50 + (billed["output_tokens"] + billed["thought_tokens"]) * 3.00) / 1e6 * 0.5
 
 
 def make_pool(base_url, tmp_path, *, workers=2, limits=RateLimits(), cache=True, **retry):
@@ -53,12 +59,15 @@ def test_each_story_gets_its_own_future_and_batches_share_a_call(ray_address, tm
         finally:
             pool.close()
         assert len(srv.requests) == 20
+        billed = srv.stats()["billed"]
     assert [r.key for r in results] == [j.key for j in jobs(20)]
     assert all(r.valid and r.judge_attempts == 1 and not r.cached for r in results)
     assert pool.batches_sent < 20  # submitted one by one, dispatched together
     assert metrics["judge/stories"] == 20 and metrics["judge/failed"] == 0 and metrics["judge/requests"] == 20
-    tokens_usd = dollars(metrics["judge/input_tokens"], metrics["judge/output_tokens"], Prices(), flex=True)
-    assert metrics["judge/spend_usd"] == pytest.approx(tokens_usd) and metrics["judge/spend_usd"] > 0
+    assert billed["thought_tokens"] > 0
+    assert metrics["judge/input_tokens"] == billed["input_tokens"]
+    assert metrics["judge/output_tokens"] == billed["output_tokens"] + billed["thought_tokens"]
+    assert metrics["judge/spend_usd"] == pytest.approx(flex_usd(billed)) == metrics["judge/spend_usd_total"]
     assert pool.take_metrics()["judge/stories"] == 0  # per step: counters restart
 
 
@@ -89,11 +98,13 @@ def test_faulty_judge_every_story_judged_or_counted_invalid(ray_address, tmp_pat
             m = pool.take_metrics()
         finally:
             pool.close()
+        billed = srv.stats()["billed"]
     failed = [r for r in results if not r.valid]
     assert failed and len(failed) < 30  # 0.6^2: about a third fail after two attempts
     assert all(r.reward is None and r.judgment is None and r.judge_error for r in failed)
     assert m["judge/failed"] == len(failed) and m["judge/retries"] > 0
     assert m["judge/requests"] == sum(r.judge_attempts for r in results)
+    assert m["judge/spend_usd"] == pytest.approx(flex_usd(billed))  # truncated answers are billed too
     with JudgeCache(tmp_path / "cache.sqlite") as cache:
         assert len(cache) == 30 - len(failed)  # failures are never cached
 
