@@ -19,6 +19,9 @@ def check_inputs(cfg: Config):
     from conf.errors import DataError, EnvironmentSetupError
 
     train = load_prompts(resolve_path(cfg.data.train_path), require_reference=cfg.algorithm.hri.enable)
+    if len(train) < cfg.data.prompts_per_step:
+        raise DataError(f"data.train_path={cfg.data.train_path} holds {len(train)} prompt(s), fewer than one step's "
+                        f"data.prompts_per_step={cfg.data.prompts_per_step} distinct prompts")
     val = load_prompts(resolve_path(cfg.data.val_path), require_reference=False)
     held_out = []
     if cfg.trainer.eval_every:

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 
 from actors.data import PromptRecord
+from reward.components import find_story_start
 
 
 @dataclass(frozen=True)
@@ -13,8 +14,9 @@ class Tokenized:
     """One response as the reward and the learner need it."""
 
     ids: tuple[int, ...]
-    text: str  # decoded, the stop token removed, <think> markers kept
-    story_start: int
+    text: str  # decoded, the end token removed, <think> markers kept
+    story: str  # what the judge reads: the tokens from story_start on, decoded, stripped
+    story_start: int  # index of the first story token; the tokens before it are thinking
     truncated: bool
 
 
@@ -25,27 +27,49 @@ class ChatCodec:
         self.tok = tokenizer
         self.enable_thinking = enable_thinking
         self.max_new_tokens = max_new_tokens
-        self.stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        self.end_of_turn = self._end_of_turn_id()
+        self.stop_ids = sorted({self.end_of_turn, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                 tokenizer.convert_tokens_to_ids("<|endoftext|>")} - {None, tokenizer.unk_token_id})
         self.think_end = tokenizer.convert_tokens_to_ids("</think>")
 
-    def prompt_ids(self, record: PromptRecord) -> tuple[int, ...]:
-        text = self.tok.apply_chat_template(list(record.messages), tokenize=False, add_generation_prompt=True,
+    def _end_of_turn_id(self) -> int:
+        """The token the chat template closes an assistant turn with (<|im_end|> for Qwen): the one
+        a policy emits to stop, so the reference row ends with it too."""
+        marker = "polaris-end-of-turn-probe"
+        text = self.tok.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}],
+                                            tokenize=False, enable_thinking=self.enable_thinking)
+        after = text[text.rindex(marker) + len(marker):]
+        ids = self.tok.encode(after, add_special_tokens=False)
+        if not ids:
+            raise ValueError("the chat template writes nothing after an assistant turn: no end-of-turn token")
+        return ids[0]
+
+    def _render(self, record: PromptRecord) -> str:
+        return self.tok.apply_chat_template(list(record.messages), tokenize=False, add_generation_prompt=True,
                                             enable_thinking=self.enable_thinking)
-        return tuple(self.tok.encode(text, add_special_tokens=False))
+
+    def prompt_ids(self, record: PromptRecord) -> tuple[int, ...]:
+        return tuple(self.tok.encode(self._render(record), add_special_tokens=False))
 
     def response(self, ids: tuple[int, ...], finish_reason: str) -> Tokenized:
+        """Split by the one rule of reward/components.py: thinking ends at the first </think>."""
         body = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
-        if self.think_end in body:
-            story_start = body.index(self.think_end) + 1
-        else:  # never closed its thinking: all of it is thinking (split_thinking agrees)
-            story_start = len(ids) if self.enable_thinking else 0
-        return Tokenized(ids, self.tok.decode(body, skip_special_tokens=False), story_start, finish_reason == "length")
+        start = find_story_start(ids, self.think_end, thinking=self.enable_thinking)
+        return Tokenized(ids, self.tok.decode(body, skip_special_tokens=False),
+                         self.tok.decode(body[start:], skip_special_tokens=False).strip(), start,
+                         finish_reason == "length")
 
     def reference(self, record: PromptRecord) -> Tokenized:
-        """The human reference as a response: <think>reasoning</think> story <eos>, truncated."""
-        text = f"<think>\n{record.reasoning}\n</think>\n\n{record.story}" if self.enable_thinking else record.story
-        ids = tuple(self.tok.encode(text, add_special_tokens=False)) + (self.stop_ids[0],)
+        r"""The human reference written as a policy turn: "<think>\n{reasoning}\n</think>\n\n{story}"
+        (the story alone without thinking) and the template's end-of-turn token, truncated to the
+        response limit. A template whose generation prompt already opens the thinking block
+        (ends with "<think>\n") gets the reasoning without that opening."""
+        if self.enable_thinking:
+            opening = "" if self._render(record).endswith("<think>\n") else "<think>\n"
+            text = f"{opening}{record.reasoning}\n</think>\n\n{record.story}"
+        else:
+            text = record.story
+        ids = tuple(self.tok.encode(text, add_special_tokens=False)) + (self.end_of_turn,)
         truncated = len(ids) > self.max_new_tokens
         return self.response(ids[:self.max_new_tokens], "length" if truncated else "stop")
 

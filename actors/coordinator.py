@@ -199,7 +199,7 @@ class Coordinator:
 
         def job_for(uid: str, tok: Tokenized, key: str) -> ScoringJob:
             p = by_uid[uid]
-            return ScoringJob(key, p.prompt_text, tok.text, p.target_words, len(tok.ids), tok.story_start,
+            return ScoringJob(key, p.prompt_text, tok.story, p.target_words, len(tok.ids), tok.story_start,
                               tok.truncated)
         references = [ReferenceRow(p, self.codec.reference(p), None) for p in prompts] if ref_weight > 0 else []
         if replay:
@@ -319,7 +319,6 @@ class Coordinator:
             "in_flight_step": keep.step if keep else None,
             "sampler": self._sampler_before.get(next_fresh, self.sampler.state_dict()),
             "weight_version": self.roles.weight_version + updates_unsent,
-            "hri_weight_next": self.reference_weight(steps_done),
             "wandb_run_id": self.tracker.run_id,
             "run_id": checkpoint.run_id(self.output_dir),
             "judge": {"total_usd": pool.total_usd, "last_step_usd": self._last_step_usd},

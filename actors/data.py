@@ -253,29 +253,41 @@ def filter_long_prompts(
 
 
 class PromptSampler:
-    """Batches in a seeded order, reshuffled every epoch; resumable from (epoch, cursor).
+    """Batches of distinct prompts in a seeded order, reshuffled every epoch; resumable from
+    (epoch, cursor).
 
-    Epoch e visits every record once in a permutation that depends only on (seed, e), so a
+    Epoch e visits every record once. A batch that reaches the end of an epoch takes its last
+    prompts and fills up with the next epoch's first ones; the prompts it carries over are moved
+    to the end of the next epoch's order, so no batch holds a prompt twice and every prompt is
+    still seen once per epoch. The order of epoch e depends only on (seed, e) and the sizes, so a
     sampler restored from state_dict() yields exactly the batches the original would have.
-    A batch that reaches the end of an epoch continues into the next one.
     """
 
     def __init__(self, records: list[PromptRecord], *, batch_size: int, seed: int):
-        if not records:
-            raise DataError("cannot sample from an empty prompt set")
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
+        if len(records) < batch_size:
+            raise DataError(f"{len(records)} prompt(s) cannot fill a step of data.prompts_per_step={batch_size} "
+                            "distinct prompts; lower data.prompts_per_step or add prompts")
         self._records = list(records)
         self._batch_size = batch_size
         self._seed = seed
         self._epoch = 0
-        self._cursor = 0  # position inside this epoch's permutation
-        self._order = self._permutation(0)
+        self._cursor = 0  # position inside this epoch's order
+        self._order = self._shuffled(0)
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _shuffled(self, epoch: int) -> list[int]:
         order = list(range(len(self._records)))
         random.Random(f"polaris-prompts:{self._seed}:{epoch}").shuffle(order)  # str seed: stable
         return order
+
+    def _next_order(self, order: list[int], epoch: int) -> list[int]:
+        """Epoch `epoch`'s order, given the previous epoch's: the previous epoch's last prompts that
+        share a batch with this epoch's first ones go to the end."""
+        carried = (epoch * len(self._records)) % self._batch_size
+        tail = set(order[len(order) - carried:]) if carried else set()
+        fresh = self._shuffled(epoch)
+        return [i for i in fresh if i not in tail] + [i for i in fresh if i in tail]
 
     @property
     def epoch(self) -> int:
@@ -287,7 +299,7 @@ class PromptSampler:
             if self._cursor == len(self._order):
                 self._epoch += 1
                 self._cursor = 0
-                self._order = self._permutation(self._epoch)
+                self._order = self._next_order(self._order, self._epoch)
             batch.append(self._records[self._order[self._cursor]])
             self._cursor += 1
         return batch
@@ -305,5 +317,7 @@ class PromptSampler:
                 f"sampler state: cursor {cursor} is beyond this dataset's {len(self._records)} prompts "
                 "(was the dataset changed since the checkpoint?)"
             )
-        self._epoch, self._cursor = epoch, cursor
-        self._order = self._permutation(epoch)
+        order = self._shuffled(0)
+        for e in range(1, epoch + 1):
+            order = self._next_order(order, e)
+        self._epoch, self._cursor, self._order = epoch, cursor, order

@@ -172,5 +172,6 @@ def validation_summary(row: dict) -> str:
 
     return (f"validation after step {row['step']}: quality id {f('quality/id')} near-ood {f('quality/near_ood')} "
             f"far-ood {f('quality/far_ood')} all {f('quality/aggregate')} slope {f('quality/slope')}/bucket | "
-            f"length ratio id {row.get('length_ratio/id', float('nan')):.2f} | {row['count']} stories, "
+            f"length ratio id {row.get('length_ratio/id', float('nan')):.2f} | reward {row.get('reward/mean', float('nan')):.3f} | "
+            f"{row['count']} stories, "
             f"{row['failed']} judge failures, {row['time_s']:.1f}s")

@@ -190,6 +190,8 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
         max_tokens_per_micro_batch=cfg.learner.max_tokens_per_micro_batch,
         logprob_chunk_tokens=cfg.learner.logprob_chunk_tokens, offload_optimizer=cfg.learner.offload_optimizer,
         offload_params=cfg.learner.offload_params, tis_cap=cfg.algorithm.tis_cap,
+        total_steps=cfg.trainer.total_steps, warmup_steps=cfg.learner.warmup_steps,
+        lr_schedule=cfg.learner.lr_schedule, min_lr_ratio=cfg.learner.min_lr_ratio,
     )
     world = cfg.learner.world_size
     placement = reserve(plan_placement(device=cfg.trainer.device, learner_world_size=world,

@@ -19,6 +19,10 @@ from conf.schema import Config
 
 CONF_DIR = Path(__file__).resolve().parent
 DEFAULT_CONF = "tiny"
+# Keys that existed once: a YAML or command line that still sets one gets this instead of "unknown".
+REMOVED_KEYS = {
+    "algorithm.kl_coef": "removed: it never had an effect (there is no KL term; the original run has none)",
+}
 
 
 def available_confs() -> list[str]:
@@ -82,6 +86,9 @@ def _parse_overrides(overrides: list[str]) -> dict:
 
 
 def _merge(cfg: Any, source: str, layer: dict) -> Any:
+    for key, message in REMOVED_KEYS.items():
+        if _has_key(layer, key):
+            raise ConfigError(f"{source}: config key '{key}' {message}")
     try:
         return OmegaConf.merge(cfg, layer)
     except ConfigKeyError as exc:
@@ -90,6 +97,15 @@ def _merge(cfg: Any, source: str, layer: dict) -> Any:
         key = getattr(exc, "full_key", None) or "?"
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: bad value for config key '{key}': {reason}") from None
+
+
+def _has_key(layer: dict, dotted: str) -> bool:
+    node: Any = layer
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _unknown_key_message(full_key: str) -> str:
@@ -155,7 +171,6 @@ def validate(c: Config) -> None:
     _check(0 <= a.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)")
     _check(a.clip_high >= a.clip_low, "algorithm.clip_high", f"({a.clip_high}) must be >= algorithm.clip_low ({a.clip_low})")
     _check(a.adv_eps > 0, "algorithm.adv_eps", "must be > 0")
-    _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
     _check(a.hri.peak_weight >= 0, "algorithm.hri.peak_weight", "must be >= 0")
     _check(a.hri.warmup_steps >= 0, "algorithm.hri.warmup_steps", "must be >= 0")
     _check(a.hri.decay_steps >= 0, "algorithm.hri.decay_steps", "must be >= 0")
@@ -166,6 +181,9 @@ def validate(c: Config) -> None:
     _check(l.lr >= 0, "learner.lr", f"must be >= 0 (0 freezes the policy; got {l.lr})")
     _check(l.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
     _check(l.grad_clip > 0, "learner.grad_clip", "must be > 0")
+    _check(l.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
+    _one_of(l.lr_schedule, "learner.lr_schedule", ("constant", "linear", "cosine"))
+    _check(0 <= l.min_lr_ratio <= 1, "learner.min_lr_ratio", "must be in [0, 1]")
     _check(l.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
     _check(l.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch", "must be >= 0 (0 = by rows)")
     _check(l.logprob_chunk_tokens >= 0, "learner.logprob_chunk_tokens", "must be >= 0 (0 = unchunked)")

@@ -77,8 +77,8 @@ class HRIConfig:
     enable: bool = True
     peak_weight: float = 0.4
     warmup_steps: int = 15
-    decay_steps: int = 0  # 0 = stay at peak (the original run)
-    final_weight: float = 0.4
+    decay_steps: int = 0  # then linear from peak_weight to final_weight over this many steps; 0 = stay at peak
+    final_weight: float = 0.0
 
 
 @dataclass
@@ -87,7 +87,6 @@ class AlgorithmConfig:
     clip_low: float = 0.20
     clip_high: float = 0.28
     adv_eps: float = 1e-6
-    kl_coef: float = 0.0
     tis_cap: float = 2.0  # truncated importance weight cap for off-policy rows (max_staleness > 0)
 
 
@@ -99,7 +98,9 @@ class LearnerConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # the lr rises linearly over the first warmup_steps steps (learner/lr_schedule.py)
+    lr_schedule: str = "constant"  # after the warmup: constant | linear | cosine (to lr x min_lr_ratio at the last step)
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 1  # rows per micro-batch per learner rank (when max_tokens_per_micro_batch = 0)
     max_tokens_per_micro_batch: int = 16384  # padded tokens per micro-batch, rows packed by length; 0 = by rows
@@ -133,7 +134,7 @@ class LengthBandConfig:
 @dataclass
 class RewardConfig:
     weights: RewardWeights = field(default_factory=RewardWeights)
-    val_weights: RewardWeights = field(default_factory=_validation_weights)
+    val_weights: RewardWeights = field(default_factory=_validation_weights)  # the periodic validation's reward
     length: LengthBandConfig = field(default_factory=LengthBandConfig)
     blank_min_visible_ratio: float = 0.10
     blank_min_words: int = 150

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ from eval.metrics import (
     summarize,
 )
 from reward import rubric
-from reward.components import split_thinking, word_count
+from reward.components import RewardParams, score_response, word_count
 from reward.spend import dollars
 from reward.worker import ScoringJob
 
@@ -59,15 +61,17 @@ class EvalStory:
     judge_error: str | None
     input_tokens: int
     output_tokens: int
+    reward: float | None = None  # the periodic validation's story scalar (reward.val_weights)
 
     def record(self) -> EvalRecord:
         return EvalRecord(self.uid, self.target_words, self.words, self.quality, self.length_score)
 
 
-def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label: str, submit, progress: bool
-                       ) -> list[EvalStory]:
+def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label: str, submit, progress: bool,
+                       reward_params: RewardParams | None = None) -> list[EvalStory]:
     """One story per prompt; each goes to the judge as its engine returns it.
-    submit(job) -> Future[ScoredSample]."""
+    submit(job) -> Future[ScoredSample]. reward_params: also score each judged story's reward
+    scalar with them (the training rubric score as sq)."""
     scale, edges = cfg.eval.length_scale, bucket_edges(cfg.eval.length_scale)
     requests = [(p.uid, 0, codec.prompt_ids(p), sample_seed(cfg.trainer.seed, EVAL_STEP, p.uid, 0)) for p in prompts]
     by_uid = {p.uid: p for p in prompts}
@@ -79,7 +83,7 @@ def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label:
             for sample in ray.get(ref):
                 tok = codec.response(sample.response_ids, sample.finish_reason)
                 p = by_uid[sample.uid]
-                job = ScoringJob(f"{p.uid}/eval", p.prompt_text, tok.text, p.target_words, len(tok.ids),
+                job = ScoringJob(f"{p.uid}/eval", p.prompt_text, tok.story, p.target_words, len(tok.ids),
                                  tok.story_start, tok.truncated)
                 pending[submit(job)] = (p, tok)
                 bar.update(1)
@@ -88,8 +92,12 @@ def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label:
     for future in concurrent.futures.as_completed(pending):
         p, tok = pending[future]
         scored = future.result()
-        words = word_count(split_thinking(tok.text)[1])
+        words = word_count(tok.story)
         j = scored.judgment
+        reward = None
+        if j is not None and reward_params is not None:
+            reward = score_response(rubric.overall_score(j) / 100.0, tok.story, p.target_words, len(tok.ids),
+                                    tok.story_start, tok.truncated, reward_params).scalar
         stories[p.uid] = EvalStory(
             checkpoint=label, uid=p.uid, target_words=p.target_words,
             bucket=bucket_of(p.target_words, edges), prompt=p.prompt_text, response=tok.text,
@@ -97,7 +105,8 @@ def generate_and_judge(roles, codec, prompts: list[PromptRecord], cfg, *, label:
             quality=rubric.overall_score(j, evaluation=True) if j is not None else None,
             length_ratio=words / p.target_words, length_score=length_score(words, p.target_words, scale),
             judgment={"scores": j.scores, "evidence": j.evidence} if j is not None else None,
-            judge_error=scored.judge_error, input_tokens=scored.input_tokens, output_tokens=scored.output_tokens)
+            judge_error=scored.judge_error, input_tokens=scored.input_tokens, output_tokens=scored.output_tokens,
+            reward=reward)
         bar.update(1)
     bar.close()
     return [stories[p.uid] for p in prompts]
@@ -122,7 +131,8 @@ def validation_subset(prompts: list[PromptRecord], size: int, scale: float) -> l
 class PeriodicValidation:
     """trainer.eval_every: after a step's weight sync (the engines are idle then, in both schedules),
     the subset's stories from the current policy, judged by the run's pool (its spend goes into the
-    run's total, not the step's). Rows go to validation.jsonl, stories to validation/step_N.jsonl,
+    run's total, not the step's). Each row has the quality table and the mean reward scalar under
+    reward.val_weights (reward/mean). Rows go to validation.jsonl, stories to validation/step_N.jsonl,
     never to metrics.jsonl."""
 
     def __init__(self, cfg, roles, codec, prompts: list[PromptRecord], output_dir: Path, tracker):
@@ -135,10 +145,13 @@ class PeriodicValidation:
         return bool(every and self.prompts and steps_done % every == 0)
 
     def run(self, step: int) -> EvalSummary:
+        from cluster.roles import reward_params
+
         t0 = time.perf_counter()
         stories = generate_and_judge(self.roles, self.codec, self.prompts, self.cfg, label=f"step {step}",
                                      submit=lambda job: self.roles.reward_pool.submit(job, per_step=False),
-                                     progress=False)
+                                     progress=False, reward_params=reward_params(self.cfg, validation=True))
+        rewards = [s.reward for s in stories if s.reward is not None]
         summary = summarize([s.record() for s in stories], bucket_edges(self.cfg.eval.length_scale))
         pool = self.roles.reward_pool
         usd = sum(dollars(s.input_tokens, s.output_tokens, pool.prices, flex=pool.flex) for s in stories)
@@ -148,6 +161,7 @@ class PeriodicValidation:
             for s in stories:
                 f.write(json.dumps(asdict(s)) + "\n")
         row = {"step": step, "weight_version": self.roles.weight_version, **summary.flat(),
+               "reward/mean": statistics.fmean(rewards) if rewards else math.nan,
                "judge_spend_usd": usd, "time_s": time.perf_counter() - t0}
         self.tracker.log_validation(row)
         return summary

@@ -26,12 +26,12 @@ def reference_weight(
     peak: float = 0.4,
     warmup_steps: int = 15,
     decay_steps: int = 0,
-    final_weight: float | None = None,
+    final_weight: float = 0.0,
 ) -> float:
     """w(step): linear ramp 0 -> peak over `warmup_steps`, then peak.
 
     With `decay_steps > 0`, after the warmup w falls linearly from `peak` to `final_weight`
-    (default 0.0) over `decay_steps` steps and stays there. `decay_steps = 0` (the original
+    over `decay_steps` steps and stays there. `decay_steps = 0` (the original
     system's setting) keeps w at peak forever.
     """
     if step < 0 or warmup_steps < 0 or decay_steps < 0:
@@ -43,9 +43,8 @@ def reference_weight(
         return peak * step / warmup_steps
     if decay_steps == 0:
         return peak
-    final = 0.0 if final_weight is None else final_weight
     progress = min(step - warmup_steps, decay_steps) / decay_steps
-    return peak + (final - peak) * progress
+    return peak + (final_weight - peak) * progress
 
 
 @dataclass(frozen=True)
@@ -119,12 +118,10 @@ def policy_loss(
     total_tokens: int,
     behaviour_logprobs: Tensor | None = None,
     tis_cap: float | None = None,
-    ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """One micro-batch's share of the step loss, and its metrics.
 
-    logprobs, old_logprobs, token_mask (and behaviour_logprobs, ref_logprobs): [B, T];
+    logprobs, old_logprobs, token_mask (and behaviour_logprobs): [B, T];
     advantages, is_reference: [B]. token_mask must already be False on rows the group step
     left out (GroupAdvantages.loss_mask False).
 
@@ -136,8 +133,6 @@ def policy_loss(
 
     Off-policy rows (behaviour_logprobs given): the policy rows' per-token loss is multiplied by
     min(exp(old_logp - behaviour_logp), tis_cap), detached (truncated importance sampling).
-    KL (ref_logprobs given and kl_coef > 0): kl_coef * k3 on every masked token, with
-    k3 = exp(ref - logp) - (ref - logp) - 1.
     """
     mask = token_mask.bool()
     num_tokens = int(mask.sum())
@@ -167,11 +162,6 @@ def policy_loss(
         metrics["tis_clipped_fraction"] = _masked_mean(capped.float(), policy_tok)
 
     tok_loss = torch.where(is_ref_tok, -adv * logprobs, policy_tok_loss)
-    if ref_logprobs is not None and kl_coef > 0:
-        d = torch.where(mask, ref_logprobs - logprobs, 0.0)
-        kl = torch.exp(d) - d - 1.0
-        tok_loss = tok_loss + kl_coef * kl
-        metrics["kl"] = _masked_mean(kl.detach(), mask)
 
     loss = torch.where(mask, tok_loss, 0.0).sum() / total_tokens
 

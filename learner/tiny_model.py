@@ -145,7 +145,7 @@ def _build(out: Path, params: dict, rows: list[dict], show_progress: bool) -> No
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     started = time.time()
-    tokenizer = _train_tokenizer(rows, params["vocab_size"])
+    tokenizer = train_tokenizer(rows, params["vocab_size"])
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen3Config(
@@ -187,7 +187,9 @@ def _build(out: Path, params: dict, rows: list[dict], show_progress: bool) -> No
     (out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
-def _train_tokenizer(rows: list[dict], vocab_size: int):
+def train_tokenizer(rows: list[dict], vocab_size: int):
+    """A byte-level BPE tokenizer trained on rows (prompt, reasoning, story), Qwen3's special tokens
+    in Qwen's id order (<|endoftext|> < <|im_start|> < <|im_end|>), <think> markers, the chat template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -12,6 +12,7 @@ import torch
 
 from learner.grpo import policy_loss, truncated_importance_weights
 from learner.logprobs import PolicyLogprobs, token_logprobs  # noqa: F401  (token_logprobs: re-exported)
+from learner.lr_schedule import learning_rate
 from learner.microbatch import pack_micro_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,6 +81,14 @@ class LearnerSettings:
     offload_optimizer: bool = False  # ZeRO optimizer state (fp32 master weights, Adam moments) in CPU memory
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
     tis_cap: float = 2.0  # truncated importance weight cap for rows with policy_lag > 0
+    total_steps: int = 1  # the learning-rate schedule (learner/lr_schedule.py) runs over the run's steps
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+
+    def lr_at(self, step: int) -> float:
+        return learning_rate(step, lr=self.lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                             schedule=self.lr_schedule, min_ratio=self.min_lr_ratio)
 
 
 def deepspeed_config(s: LearnerSettings) -> dict:
@@ -119,7 +128,7 @@ def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     tis_clipped_fraction = 0.0. engine_learner_kl: mean of (engine - learner) logprob over the
     sampled tokens of rows with behaviour logprobs, the k1 estimate of KL(engine || learner).
     """
-    maxima = ("ratio_max", "tis_weight_max", "grad_norm")
+    maxima = ("ratio_max", "tis_weight_max", "grad_norm", "lr")
     total = {k: sum(m[k] for m in per_rank) for k in per_rank[0] if k not in maxima}
     off_policy = total["tis_tokens"] > 0
     return {
@@ -127,6 +136,7 @@ def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         "clip_fraction": total["clipped_tokens"] / max(1.0, total["policy_tokens"]),
         "ratio_max": max(m["ratio_max"] for m in per_rank),
         "grad_norm": per_rank[0]["grad_norm"],
+        "lr": per_rank[0]["lr"],
         "logprob_diff": total["logprob_diff_sum"] / max(1.0, total["logprob_diff_tokens"]),
         "engine_learner_kl": total["engine_kl_sum"] / max(1.0, total["logprob_diff_tokens"]),
         "tis_ratio_mean": total["tis_weight_sum"] / total["tis_tokens"] if off_policy else 1.0,
@@ -217,6 +227,7 @@ class LearnerWorker:
         # engine would skip them, and ZeRO would mis-accumulate gradients).
         policy = PolicyLogprobs(model, temperature=settings.temperature, chunk_tokens=settings.logprob_chunk_tokens)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
+        self._optimizer = optimizer  # ZeRO steps it with its param groups: the schedule sets their lr
         self.policy = self.engine.module.causal_lm  # the Hugging Face model, parameters shared with the engine
         self.transport = None
 
@@ -234,6 +245,9 @@ class LearnerWorker:
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             for key, value in metrics.items():
                 sums[key] = max(sums[key], value) if key.endswith("_max") else sums[key] + value
+        sums["lr"] = self.s.lr_at(batch.step)
+        for group in self._optimizer.param_groups:
+            group["lr"] = sums["lr"]
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # DeepSpeed reports it under ZeRO >= 1 only
         sums["grad_norm"] = float("nan") if norm is None else float(norm)

@@ -1,6 +1,6 @@
 """POLARIS reward components as pure functions (docs/design.md#per-story).
 
-Flow for one response: split_thinking -> (judge sees the story and the prompt without its length
+Flow for one response: find_story_start -> (judge sees the story and the prompt without its length
 sentence) -> sq = rubric/100 -> story_scalar(sq, self_repetition, length_penalty, blank_flag,
 judge_addressed) -> token_rewards -> sequence_score. score_response composes the story-side part
 of that. Stdlib only (and the pure reward/addressing.py); no I/O.
@@ -37,19 +37,17 @@ def strip_length_sentence(prompt_text: str) -> str:
     return text.strip()
 
 
-def split_thinking(response_text: str) -> tuple[str, str]:
-    """(thinking, story). The story is the text after the last </think>. Without a </think>: a
-    response opening with <think> never closed its thinking (story ""), else it is all story."""
-    head, sep, story = response_text.rpartition("</think>")
-    if not sep:
-        if response_text.lstrip().startswith("<think>"):
-            head, story = response_text, ""
-        else:
-            return "", response_text.strip()
-    head = head.lstrip()
-    if head.startswith("<think>"):
-        head = head[len("<think>"):]
-    return head.strip(), story.strip()
+def find_story_start(response, think_end, *, thinking: bool) -> int:
+    """Where the story begins in a response, given as token ids (think_end: the id of </think>) or
+    as text (think_end: "</think>"): just after the FIRST think_end, where the model closed its
+    thinking. Without one, a response to a prompt that opened thinking (thinking=True) never closed
+    it and is all thinking (the story is empty); otherwise it is all story. The one rule for the
+    judged text and for the thinking-token penalty (actors/codec.py applies it to token ids)."""
+    try:
+        k = response.index(think_end)
+    except ValueError:
+        return len(response) if thinking else 0
+    return k + (len(think_end) if isinstance(response, str) else 1)
 
 
 def word_count(text: str) -> int:

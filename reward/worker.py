@@ -12,7 +12,6 @@ from reward.components import (
     RewardBreakdown,
     RewardParams,
     score_response,
-    split_thinking,
     strip_length_sentence,
 )
 from reward.judge_client import Judge, JudgeResult, JudgeSettings, Limiter, Secret, make_judge
@@ -23,7 +22,7 @@ from reward.rubric import Judgment
 class ScoringJob:
     key: str  # "{uid}/{sample_index}" or "{uid}/ref"
     prompt_text: str
-    response_text: str
+    story_text: str  # the response after its thinking (actors/codec.py splits it)
     target_words: int
     num_tokens: int
     story_start: int  # index of the first story token (after </think>) in the response
@@ -32,7 +31,7 @@ class ScoringJob:
 
     def judged_texts(self) -> tuple[str, str]:
         """(prompt, story) as the judge sees them: no length sentence, no thinking."""
-        return strip_length_sentence(self.prompt_text), split_thinking(self.response_text)[1]
+        return strip_length_sentence(self.prompt_text), self.story_text
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ def bad_data_cases(tmp, polaris_files):
         ("missing file", tmp / "absent.jsonl", ["absent.jsonl"]),
         ("no target anywhere", write_jsonl(tmp / "notarget.jsonl", [good_row(0, prompt="Write a story.", target_word_count=None)]),
          ["notarget.jsonl", "row 0", "target"]),
+        ("fewer prompts than a step", write_jsonl(tmp / "few.jsonl", [good_row(i) for i in range(7)]),
+         ["few.jsonl", "7 prompt(s)", "data.prompts_per_step=8"]),
     ]
 
 
@@ -87,12 +89,12 @@ def bad_input_cases(tmp, polaris_files):
     return data + CONFIG_AND_ENVIRONMENT
 
 
-@pytest.mark.parametrize("case", range(20))
+@pytest.mark.parametrize("case", range(21))
 def test_bad_input_is_refused_with_one_line_before_anything_starts(case, tmp_path, polaris_files):
     """The catalogue: dataset, config and environment. Each exits 2 in seconds with one line naming
     the culprit; no model is built (the model cache stays empty), no actor, no judge call is made."""
     cases = bad_input_cases(tmp_path, polaris_files)
-    assert len(cases) == 20  # the parametrization covers every case
+    assert len(cases) == 21  # the parametrization covers every case
     name, args, env, words = cases[case]
     proc, elapsed = run_launch([*args, f"trainer.output_dir={tmp_path / 'out'}"], tmp_path, env_extra=env)
     assert proc.returncode == 2, (name, proc.stdout, proc.stderr)

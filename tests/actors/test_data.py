@@ -304,11 +304,28 @@ def test_each_epoch_is_a_fresh_permutation_and_batches_cross_epochs():
     assert fresh.state_dict() == {"epoch": 1, "cursor": 2}
 
 
-def test_batch_larger_than_the_dataset_spans_epochs():
-    sampler = PromptSampler(make_records(3), batch_size=5, seed=0)
-    batch = uids(sampler.next_batch())
-    assert len(batch) == 5 and sorted(batch[:3]) == ["u0", "u1", "u2"]
-    assert sampler.state_dict() == {"epoch": 1, "cursor": 2}
+def test_a_step_never_holds_a_prompt_twice_and_each_epoch_visits_every_prompt_once():
+    # 10 prompts in steps of 4: batches 3, 5, 8, ... straddle an epoch boundary
+    for n, batch_size in [(10, 4), (10, 3), (7, 7), (9, 8)]:
+        sampler = PromptSampler(make_records(n), batch_size=batch_size, seed=3)
+        batches = [uids(sampler.next_batch()) for _ in range(40)]
+        assert all(len(set(b)) == batch_size for b in batches), (n, batch_size)
+        flat = [uid for b in batches for uid in b]
+        epochs = [flat[i:i + n] for i in range(0, len(flat) - n + 1, n)]
+        assert all(sorted(e) == sorted(r.uid for r in make_records(n)) for e in epochs), (n, batch_size)
+
+
+def test_the_prompts_a_straddling_step_carries_over_come_last_in_the_next_epoch():
+    sampler = PromptSampler(make_records(10), batch_size=4, seed=0)
+    stream(sampler, 2)
+    straddling = uids(sampler.next_batch())  # the last 2 of epoch 0, the first 2 of epoch 1
+    epoch_1 = straddling[2:] + stream(sampler, 2)  # the rest of epoch 1: 2 + 8 prompts
+    assert sorted(epoch_1[-2:]) == sorted(straddling[:2])
+
+
+def test_fewer_prompts_than_a_step_needs_are_refused():
+    with pytest.raises(DataError, match="3 prompt.*data.prompts_per_step=5"):
+        PromptSampler(make_records(3), batch_size=5, seed=0)
 
 
 @pytest.mark.parametrize("taken", [0, 3, 4, 10])  # 4 x 3 = 12 crosses the first epoch boundary of 10

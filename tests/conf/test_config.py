@@ -16,8 +16,8 @@ def test_polaris_reproduces_the_original_run():
     assert (c.trainer.total_steps, c.data.prompts_per_step, c.rollout.n) == (160, 8, 6)
     assert c.algorithm.hri.enable and (c.algorithm.hri.peak_weight, c.algorithm.hri.warmup_steps) == (0.4, 15)
     assert c.algorithm.hri.decay_steps == 0
-    assert (c.learner.lr, c.learner.warmup_steps, c.learner.grad_clip) == (1e-6, 0, 1.0)
-    assert (c.algorithm.clip_low, c.algorithm.clip_high, c.algorithm.kl_coef) == (0.20, 0.28, 0.0)
+    assert (c.learner.lr, c.learner.warmup_steps, c.learner.lr_schedule, c.learner.grad_clip) == (1e-6, 0, "constant", 1.0)
+    assert (c.algorithm.clip_low, c.algorithm.clip_high) == (0.20, 0.28)
     s = c.rollout.sampling
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.max_new_tokens) == (1.0, 0.95, 20, 1.10, 8192)
     assert c.rollout.val_sampling.temperature == 0.8
@@ -76,6 +76,9 @@ BAD = [
     (["model.dtype=int8"], ["model.dtype"]),
     (["rollout.n"], ["rollout.n", "key=value"]),
     (["trainer.device=cpu", "weight_sync.backend=nccl"], ["weight_sync.backend", "cuda"]),
+    (["algorithm.kl_coef=0.1"], ["algorithm.kl_coef", "removed: it never had an effect"]),
+    (["learner.lr_schedule=exponential"], ["learner.lr_schedule", "constant, linear, cosine"]),
+    (["learner.min_lr_ratio=2"], ["learner.min_lr_ratio", "[0, 1]"]),
 ]
 
 
@@ -99,3 +102,12 @@ def test_negative_judge_addressed_penalty_is_refused():
         load_config(["reward.judge_addressed_penalty=-0.5"])
     assert "reward.judge_addressed_penalty" in str(err.value) and ">= 0" in str(err.value)
     assert load_config(["reward.judge_addressed_penalty=0"]).reward.judge_addressed_penalty == 0.0
+
+
+def test_a_removed_key_in_a_yaml_file_is_named_with_its_reason(tmp_path):
+    conf = tmp_path / "old.yaml"
+    conf.write_text("base: tiny\nalgorithm:\n  kl_coef: 0.0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([f"conf={conf}"])
+    assert str(err.value) == (f"{conf}: config key 'algorithm.kl_coef' removed: it never had an effect "
+                              "(there is no KL term; the original run has none)")

@@ -50,7 +50,8 @@ def test_periodic_validation_writes_its_own_rows(trained):
     assert rows[0]["failed"] == 0 and finite(rows[0]["quality/aggregate"])
     assert rows[0]["bucket1/count"] == 2 and rows[0]["weight_version"] == 1  # after the step's weight sync
     stories = [json.loads(line) for line in (out / "validation" / "step_000000.jsonl").read_text().splitlines()]
-    assert len(stories) == 12 and all(finite(s["quality"]) for s in stories)
+    assert len(stories) == 12 and all(finite(s["quality"]) and finite(s["reward"]) for s in stories)
+    assert rows[0]["reward/mean"] == pytest.approx(sum(s["reward"] for s in stories) / 12)  # reward.val_weights
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and not any(k.startswith(("quality", "bucket")) for k in metrics[0])
     assert metrics[0]["judge/stories"] == 48  # the validation's stories are not in the step's counters

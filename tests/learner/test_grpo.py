@@ -268,24 +268,6 @@ def test_tis_needs_a_cap():
         policy_loss(x, x, torch.ones(1), x.bool(), NO_REF, total_tokens=1, behaviour_logprobs=x)
 
 
-def test_k3_kl_is_added_per_token():
-    # A = 0 so only KL remains. d = ref - lp = 0.5, 0:
-    # k3 = exp(0.5) - 0.5 - 1 = 0.1487213, 0 -> mean 0.0743606; loss = 0.1 * 0.1487213 / 2
-    lp = torch.tensor([[-1.0, -2.0]])
-    ref = torch.tensor([[-0.5, -2.0]])
-    loss, m = policy_loss(
-        lp, lp, torch.zeros(1), torch.ones(1, 2, dtype=torch.bool), NO_REF,
-        total_tokens=2, ref_logprobs=ref, kl_coef=0.1,
-    )
-    close(m["kl"], 0.1487213 / 2)
-    close(loss, 0.1 * 0.1487213 / 2)
-    loss_off, m_off = policy_loss(
-        lp, lp, torch.zeros(1), torch.ones(1, 2, dtype=torch.bool), NO_REF,
-        total_tokens=2, ref_logprobs=ref, kl_coef=0.0,
-    )
-    assert loss_off.item() == 0.0 and "kl" not in m_off
-
-
 def test_total_tokens_must_cover_the_micro_batch():
     x = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="total_tokens"):

@@ -129,6 +129,24 @@ def test_off_policy_rows_are_weighted_by_the_truncated_importance_ratio(frozen_w
     assert metrics["logprob_diff"] == pytest.approx((5 * 3.5 + 12 * 0.3) / 32, abs=1e-5)
 
 
+# --- the learning rate ---
+
+def test_the_step_trains_at_the_scheduled_learning_rate(build_worker):
+    """Step 0 of a 2-step warmup trains at half the rate. Adam's first update is lr x g / |g| per
+    parameter (no weight decay here), so the whole update is exactly half the constant rate's."""
+    rows = random_rows([12, 7], [1.0, -1.0], seed=4)
+    lrs, updates = {}, {}
+    for name, schedule in {"constant": {}, "warmup": {"warmup_steps": 2, "total_steps": 10}}.items():
+        worker = build_worker(lr=1e-3, **schedule)
+        before = [p.detach().clone() for p in worker.policy.parameters()]
+        lrs[name] = worker.train_step(TrainBatch(rows, step=0))["lr"]
+        updates[name] = torch.cat([(p.detach() - b).flatten() for p, b in zip(worker.policy.parameters(), before)])
+    assert lrs == {"constant": 1e-3, "warmup": 5e-4}
+    assert updates["constant"].abs().max() > 0
+    # to float32 rounding of the weights (~6e-8 here), against updates of up to 5e-4
+    assert torch.allclose(updates["warmup"], 0.5 * updates["constant"], rtol=0, atol=2e-7)
+
+
 # --- one step, however it is computed ---
 
 @pytest.fixture(scope="module")

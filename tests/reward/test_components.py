@@ -6,7 +6,7 @@ import pytest
 
 from reward.components import (
     LENGTH_SENTENCE_RE, RewardBreakdown, RewardParams, Repetition, blank_flag, length_penalty,
-    parse_target_words, score_response, self_repetition, sequence_score, split_thinking,
+    parse_target_words, score_response, self_repetition, sequence_score, find_story_start,
     story_scalar, strip_length_sentence, token_rewards, word_count,
 )
 
@@ -42,21 +42,31 @@ def test_strip_length_sentence_on_its_own_line_and_absent():
 # ---------------------------------------------------------------- split / count
 
 
-def test_split_thinking_closed():
-    assert split_thinking("<think>\nplan it\n</think>\n\nOnce upon a time.") == (
-        "plan it", "Once upon a time.")
+THINK_END = 7  # the id of </think> in the token-id cases
 
 
-def test_split_thinking_uses_the_last_close_tag():
-    assert split_thinking("<think>a</think>b</think> story ") == ("a</think>b", "story")
+@pytest.mark.parametrize("thinking", [True, False])
+def test_the_story_starts_after_the_first_close_in_text_and_in_token_ids(thinking):
+    text = "<think>\nplan it\n</think>\n\nOnce upon a time."
+    assert text[find_story_start(text, "</think>", thinking=thinking):] == "\n\nOnce upon a time."
+    assert find_story_start((3, 4, THINK_END, 5, 6), THINK_END, thinking=thinking) == 3
 
 
-def test_split_thinking_never_closed_is_all_thinking():
-    assert split_thinking("<think>still thinking") == ("still thinking", "")
+def test_a_repeated_close_leaves_the_later_ones_in_the_story():
+    text = "<think>a</think>b</think> story"
+    assert text[find_story_start(text, "</think>", thinking=True):] == "b</think> story"
+    assert find_story_start((1, THINK_END, 2, THINK_END, 3), THINK_END, thinking=True) == 2
 
 
-def test_split_thinking_without_tags_is_all_story():
-    assert split_thinking("  Just a story.\n") == ("", "Just a story.")
+def test_an_unclosed_response_is_all_thinking_when_the_prompt_opened_thinking():
+    assert find_story_start("<think>still thinking", "</think>", thinking=True) == len("<think>still thinking")
+    assert find_story_start((1, 2, 3), THINK_END, thinking=True) == 3
+
+
+def test_a_response_without_markers_is_all_story_when_thinking_is_off():
+    assert find_story_start("Just a story.", "</think>", thinking=False) == 0
+    assert find_story_start((1, 2, 3), THINK_END, thinking=False) == 0
+    assert find_story_start((), THINK_END, thinking=True) == 0
 
 
 def test_word_count_splits_on_any_whitespace():
