@@ -22,7 +22,6 @@ def check_inputs(cfg: Config):
     if len(train) < cfg.data.prompts_per_step:
         raise DataError(f"data.train_path={cfg.data.train_path} holds {len(train)} prompt(s), fewer than one step's "
                         f"data.prompts_per_step={cfg.data.prompts_per_step} distinct prompts")
-    val = load_prompts(resolve_path(cfg.data.val_path), require_reference=False)
     held_out = []
     if cfg.trainer.eval_every:
         if not Path(resolve_path(cfg.eval.prompts_path)).exists():
@@ -40,8 +39,7 @@ def check_inputs(cfg: Config):
         print(startup_plan(cfg))  # refuses a plan that cannot fit, with the numbers
         if not torch.cuda.is_available():
             raise EnvironmentSetupError("trainer.device=cuda but no GPU is visible; use conf=tiny or trainer.device=cpu")
-    print(f"checked: config, {len(train)} training prompts ({cfg.data.train_path}), "
-          f"{len(val)} validation prompts ({cfg.data.val_path})"
+    print(f"checked: config, {len(train)} training prompts ({cfg.data.train_path})"
           + (f", {len(held_out)} evaluation prompts ({cfg.eval.prompts_path})" if held_out else ""))
     return train, held_out
 
@@ -54,8 +52,7 @@ def prepare(cfg: Config, train, held_out):
     from actors.data import filter_long_prompts
 
     model_path = build_or_find_model(cfg)
-    codec = ChatCodec(AutoTokenizer.from_pretrained(model_path), enable_thinking=cfg.model.enable_thinking,
-                      max_new_tokens=cfg.rollout.sampling.max_new_tokens)
+    codec = ChatCodec.from_config(AutoTokenizer.from_pretrained(model_path), cfg)
     train, too_long = filter_long_prompts(train, lambda r: len(codec.prompt_ids(r)), cfg.data.max_prompt_tokens)
     print(f"data: {len(train)} training prompts ({too_long} over {cfg.data.max_prompt_tokens} tokens dropped)")
     if held_out:
@@ -72,12 +69,10 @@ def build_or_find_model(cfg: Config) -> str:
 
 
 def train(cfg: Config) -> Path | None:
-    from omegaconf import OmegaConf
-
-    from actors.checkpoint import prepare_resume, run_name
+    from actors.checkpoint import output_folder, prepare_resume, run_name
     from actors.coordinator import Coordinator, stop_on_signals
     from actors.data import PromptSampler
-    from actors.tracking import Tracker
+    from actors.tracking import start_tracker
     from cluster.connect import connect_ray
     from cluster.roles import judge_settings, start_roles
     from eval.run import PeriodicValidation
@@ -85,10 +80,7 @@ def train(cfg: Config) -> Path | None:
     from reward.judge_server import judge_endpoint
 
     prompts, held_out = check_inputs(cfg)
-    output_dir = Path(cfg.trainer.output_dir)
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not output_dir.is_absolute():
-        print(f"warning: trainer.output_dir={output_dir} is relative: under `ray job submit` it lands in Ray's "
-              "copy of the working dir, where a later job cannot resume from it; give an absolute path")
+    output_dir = output_folder(cfg)
     resume_from, state = prepare_resume(cfg, output_dir)  # refuses a mismatched checkpoint before anything starts
     if state and state["steps_done"] >= cfg.trainer.total_steps:
         print(f"done already: {resume_from} is at step {state['steps_done']} of trainer.total_steps="
@@ -104,11 +96,8 @@ def train(cfg: Config) -> Path | None:
         roles = start_roles(cfg, model_path=model_path, stop_token_ids=codec.stop_ids,
                             pad_token_id=codec.tok.pad_token_id, judge_base_url=judge_url,
                             run_name=name, output_dir=str(output_dir))
-        sampler = PromptSampler(prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)
-        tracker = Tracker(output_dir, project=cfg.trainer.wandb_project,
-                          config=OmegaConf.to_container(OmegaConf.structured(cfg)), total_steps=cfg.trainer.total_steps,
-                          start_step=state["steps_done"] if state else 0, progress_bar=cfg.trainer.progress_bar,
-                          run_id=state["wandb_run_id"] if state else None, run_name=name)
+        sampler = PromptSampler.from_config(prompts, cfg)
+        tracker = start_tracker(cfg, output_dir, state, name)
         validation = PeriodicValidation(cfg, roles, codec, held_out, output_dir, tracker) if held_out else None
         coordinator = Coordinator(cfg, roles, codec, sampler, tracker, output_dir, model_path, validation)
         try:
@@ -129,17 +118,21 @@ def train(cfg: Config) -> Path | None:
     return hf_path
 
 
+def run(cfg: Config) -> None:
+    """mode: check, eval or train."""
+    if cfg.mode == "check":
+        check_inputs(cfg)
+    elif cfg.mode == "eval":
+        from eval.run import evaluate
+
+        evaluate(cfg)
+    else:
+        train(cfg)
+
+
 def main(argv: list[str]) -> int:
     try:
-        cfg = load_config(argv)
-        if cfg.mode == "check":
-            check_inputs(cfg)
-        elif cfg.mode == "eval":
-            from eval.run import evaluate
-
-            evaluate(cfg)
-        else:
-            train(cfg)
+        run(load_config(argv))
     except PolarisError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -81,6 +81,20 @@ def commit(partial: Path) -> Path:
     return final
 
 
+def due(cfg, steps_done: int) -> bool:
+    """trainer.save_every: a checkpoint after every k-th step (0: only at the end and on a stop)."""
+    every = cfg.trainer.save_every
+    return bool(every and steps_done % every == 0)
+
+
+def judge_cache_file(judge, output_dir: str | Path, *, evaluation: bool = False) -> Path | None:
+    """Where a judge's cache lives: judge.cache_path, else a file in the output folder (the
+    evaluation judge's own); None when judge.cache is off."""
+    if not judge.cache:
+        return None
+    return Path(judge.cache_path or Path(output_dir) / (f"eval_{CACHE_FILE}" if evaluation else CACHE_FILE))
+
+
 def prune(output_dir: str | Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints (0 = keep all)."""
     if keep <= 0:
@@ -141,6 +155,16 @@ def rewind_outputs(output_dir: str | Path, steps: int) -> list[str]:
     return changed
 
 
+def output_folder(cfg) -> Path:
+    """trainer.output_dir, with a warning where `ray job submit` would put a relative one out of
+    a later job's reach."""
+    output_dir = Path(cfg.trainer.output_dir)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not output_dir.is_absolute():
+        print(f"warning: trainer.output_dir={output_dir} is relative: under `ray job submit` it lands in Ray's "
+              "copy of the working dir, where a later job cannot resume from it; give an absolute path")
+    return output_dir
+
+
 def run_name(output_dir: str | Path, resume_from: Path | None) -> str:
     """The name a run's actors carry on the cluster: the output folder's basename and an id made at
     the folder's first start, kept in <output_dir>/run_id and in every checkpoint (a folder that
@@ -179,8 +203,8 @@ def prepare_resume(cfg, output_dir: Path) -> tuple[Path | None, dict | None]:
                               f"({folder}); resume with the same value or start a new trainer.output_dir")
     for line in rewind_outputs(output_dir, state["steps_done"]):
         print(f"resume: {line}")
-    cache = Path(cfg.judge.cache_path or Path(output_dir) / CACHE_FILE)
-    if cfg.judge.cache and not cache.exists() and (folder / CACHE_FILE).exists():
+    cache = judge_cache_file(cfg.judge, output_dir)
+    if cache is not None and not cache.exists() and (folder / CACHE_FILE).exists():
         shutil.copyfile(folder / CACHE_FILE, cache)
         print(f"resume: judge cache restored from {folder / CACHE_FILE}")
     print(f"resume: from {folder} (step {state['steps_done']}, weight version {state['weight_version']})")

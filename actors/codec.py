@@ -32,6 +32,12 @@ class ChatCodec:
                                 tokenizer.convert_tokens_to_ids("<|endoftext|>")} - {None, tokenizer.unk_token_id})
         self.think_end = tokenizer.convert_tokens_to_ids("</think>")
 
+    @classmethod
+    def from_config(cls, tokenizer, cfg) -> ChatCodec:
+        """A run's codec: model.enable_thinking; reference rows cut at rollout.sampling.max_new_tokens."""
+        return cls(tokenizer, enable_thinking=cfg.model.enable_thinking,
+                   max_new_tokens=cfg.rollout.sampling.max_new_tokens)
+
     def _end_of_turn_id(self) -> int:
         """The token the chat template closes an assistant turn with (<|im_end|> for Qwen): the one
         a policy emits to stop, so the reference row ends with it too."""

@@ -17,12 +17,12 @@ from actors import checkpoint
 from actors.codec import ChatCodec, Tokenized, sample_seed
 from actors.data import PromptSampler
 from actors.engine import SamplingParams
-from actors.groups import GroupRow, assemble_batch
+from actors.groups import GroupRow, assemble_step
 from actors.pipeline import InFlightStep, ReferenceRow, StopRequested, stream_rollouts
 from actors.rollout_log import RolloutLog
 from actors.tracking import Tracker
 from cluster.roles import Roles
-from conf.errors import RoleLostError
+from conf.errors import JudgeError, RoleLostError
 from conf.schema import Config
 from learner.grpo import reference_weight
 from reward.spend import budget_stop_reason
@@ -44,15 +44,21 @@ class Coordinator:
         self.model_path = model_path
         self.validation = validation  # eval.run.PeriodicValidation, or None
         self.engine_restarts = 0
+        self.judge_down: str | None = None  # why the judge is taken for dead (reward/judge_watch.py)
 
     def run(self, start_step: int = 0, restored: InFlightStep | None = None) -> str | None:
         """Train to trainer.total_steps; returns why it stopped early (judge budget, a signal), or
         None. A learner rank that dies stops the run with RoleLostError (the last complete
-        checkpoint is what a resume starts from); an engine that dies is restarted (_generated)."""
+        checkpoint is what a resume starts from); an engine that dies is restarted (_generated). A
+        judge taken for dead stops the run like a signal, then raises JudgeError naming the checkpoint."""
         try:
-            return self._run(start_step, restored)
+            stopped = self._run(start_step, restored)
         except ray.exceptions.RayActorError as e:
             raise self._role_lost(e) from None
+        if self.judge_down:
+            raise JudgeError(f"{self.judge_down}, then run the same command to resume from "
+                             f"{checkpoint.complete_checkpoints(self.output_dir)[-1]}")
+        return stopped
 
     def _run(self, start_step: int, restored: InFlightStep | None) -> str | None:
         """The step loop.
@@ -78,6 +84,8 @@ class Coordinator:
                     # step k's judging with step k+1's generation, and step k+1's judging with training
                     upcoming = self._generated(upcoming)
                 current.wait_scored(self._stopping)
+                if self._stopping():  # e.g. the judge refused the step's stories faster than any wait polled
+                    raise StopRequested
             except StopRequested:
                 self.save_checkpoint(current.step, in_flight=current)
                 return self.stop_reason
@@ -101,10 +109,10 @@ class Coordinator:
             if self.validation is not None and self.validation.due(steps_done):  # the engines are idle here
                 self.validation.run(current.step)
                 iteration_start = time.perf_counter()  # not in the next step's time
-            every = self.cfg.trainer.save_every
-            if self.stop_requested or (every and steps_done % every == 0):
+            stopping = self._stopping()  # asked once: a stop must find the checkpoint written
+            if stopping or checkpoint.due(self.cfg, steps_done):
                 self.save_checkpoint(steps_done, in_flight=upcoming if synced else None, updates_unsent=int(not synced))
-            if self._stopping():
+            if stopping:
                 return self.stop_reason
             if not overlap and steps_done < total:
                 upcoming = self.launch(steps_done)
@@ -160,6 +168,8 @@ class Coordinator:
         return RoleLostError(f"{what} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the run stops: {resume}")
 
     def _stopping(self) -> bool:
+        if not self.stop_requested and (down := self.roles.reward_pool.judge_down()):
+            self.judge_down, self.stop_requested = down, "the judge is down"
         if self.stop_requested and not self.stop_reason:
             self.stop_reason = f"{self.stop_requested}: stopped after a checkpoint"
         return bool(self.stop_requested)
@@ -223,9 +233,8 @@ class Coordinator:
                                r.sample.logprobs) for r, sc in zip(policy, scored)]
         group_rows += [GroupRow(r.prompt.uid, inflight.prompt_ids[r.prompt.uid], r.tokens.ids, sc, True, None)
                        for r, sc in zip(references, ref_scored)]
-        assembled = assemble_batch(group_rows, step=step, current_version=self.roles.weight_version,
-                                   max_staleness=cfg.rollout.max_staleness, reference_weight=inflight.reference_weight,
-                                   eps=cfg.algorithm.adv_eps)
+        assembled = assemble_step(cfg, group_rows, step=step, current_version=self.roles.weight_version,
+                                  reference_weight=inflight.reference_weight)
         t_train = time.perf_counter()
         train_metrics = self.roles.train(assembled.batch) if assembled.batch.rows else {}
         train_s = time.perf_counter() - t_train
@@ -249,7 +258,7 @@ class Coordinator:
             "length/words_mean": _mean(r.word_count for r in valid),
             "length/tokens_mean": generated / max(1, len(policy)),
             "length/truncated_frac": _mean(float(r.tokens.truncated) for r in policy),
-            **self.roles.judge_metrics(),
+            **self.roles.judge_metrics(step),
             "groups/dropped": assembled.groups_dropped,
             "groups/rows_trained": len(assembled.batch.rows),
             "rollout/stale_refused": assembled.stale_refused,

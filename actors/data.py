@@ -276,6 +276,11 @@ class PromptSampler:
         self._cursor = 0  # position inside this epoch's order
         self._order = self._shuffled(0)
 
+    @classmethod
+    def from_config(cls, records: list[PromptRecord], cfg) -> PromptSampler:
+        """A run's sampler: data.prompts_per_step prompts a step, in trainer.seed's order."""
+        return cls(records, batch_size=cfg.data.prompts_per_step, seed=cfg.trainer.seed)
+
     def _shuffled(self, epoch: int) -> list[int]:
         order = list(range(len(self._records)))
         random.Random(f"polaris-prompts:{self._seed}:{epoch}").shuffle(order)  # str seed: stable

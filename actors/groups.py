@@ -65,3 +65,11 @@ def assemble_batch(rows: list[GroupRow], *, step: int, current_version: int, max
             lag = current_version - m.weight_version if m.weight_version is not None else 0
             train_rows.append(TrainRow(m.prompt_ids, m.response_ids, a, m.is_reference, m.behaviour_logprobs, lag))
     return AssembledBatch(TrainBatch(tuple(train_rows), step), policy_rewards, dropped, stale, ref_advantages)
+
+
+def assemble_step(cfg, rows: list[GroupRow], *, step: int, current_version: int,
+                  reference_weight: float) -> AssembledBatch:
+    """assemble_batch under the run's staleness bound (rollout.max_staleness) and advantage
+    epsilon (algorithm.adv_eps)."""
+    return assemble_batch(rows, step=step, current_version=current_version, max_staleness=cfg.rollout.max_staleness,
+                          reference_weight=reference_weight, eps=cfg.algorithm.adv_eps)

@@ -104,8 +104,8 @@ class InFlightStep:
 def stream_rollouts(step: InFlightStep, streams: list, codec, submit, *, references: list[ReferenceRow],
                     job_for) -> None:
     """Consume the engines' streams on background threads (one per engine): each chunk of samples
-    is tokenized and submitted for judging as it arrives. submit(job) -> Future[ScoredSample];
-    job_for(uid, tokens, key) -> ScoringJob."""
+    is tokenized and submitted for judging as it arrives. submit(job, step=k) -> Future[ScoredSample]
+    (the step, for its judge metrics: reward/pool.py); job_for(uid, tokens, key) -> ScoringJob."""
     import ray
 
     lock = threading.Lock()
@@ -115,13 +115,15 @@ def stream_rollouts(step: InFlightStep, streams: list, codec, submit, *, referen
         rows = []
         for s in samples:
             row = PolicyRow(s, codec.response(s.response_ids, s.finish_reason), None)
-            row.scored = step.track(submit(job_for(s.uid, row.tokens, f"{s.uid}/{s.sample_index}")), row)
+            job = job_for(s.uid, row.tokens, f"{s.uid}/{s.sample_index}")
+            row.scored = step.track(submit(job, step=step.step), row)
             rows.append(row)
         with lock:
             step.policy.extend(rows)
             first, pending["references"] = pending["references"], []
         for ref in first:  # with the first chunk: in a serial step that is after generation
-            ref.scored = step.track(submit(job_for(ref.prompt.uid, ref.tokens, f"{ref.prompt.uid}/ref")), ref)
+            job = job_for(ref.prompt.uid, ref.tokens, f"{ref.prompt.uid}/ref")
+            ref.scored = step.track(submit(job, step=step.step), ref)
             with lock:
                 step.references.append(ref)
 

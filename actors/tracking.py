@@ -15,6 +15,16 @@ from tqdm import tqdm
 from actors.live_metrics import LiveMetrics
 
 
+def start_tracker(cfg, output_dir: Path, state: dict | None, run_name: str) -> Tracker:
+    """The run's metrics.jsonl, W&B run and progress bar; state: the checkpoint resumed from, if any."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return Tracker(output_dir, project=cfg.trainer.wandb_project, config=config, total_steps=cfg.trainer.total_steps,
+                   start_step=state["steps_done"] if state else 0, progress_bar=cfg.trainer.progress_bar,
+                   run_id=state["wandb_run_id"] if state else None, run_name=run_name)
+
+
 class Tracker:
     def __init__(self, output_dir: Path, *, project: str, config: dict, total_steps: int, start_step: int,
                  progress_bar: bool, run_id: str | None = None, run_name: str | None = None):

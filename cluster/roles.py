@@ -11,17 +11,19 @@ from dataclasses import dataclass
 
 import ray
 
+from actors.checkpoint import judge_cache_file
 from actors.engine import SamplingParams
 from actors.rollout_worker import RolloutWorker, Sample
 from cluster.netutil import free_port
-from cluster.placement import Placement, balance_requests, plan_placement, reserve
+from cluster.placement import Placement, PlacementPlan, balance_requests, plan_placement, reserve
 from cluster.transport import WeightSyncError
 from conf.errors import EnvironmentSetupError, RoleLostError
-from conf.schema import Config, JudgeConfig
+from conf.schema import Config, JudgeServiceConfig
 from learner.worker import LearnerSettings, LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
 from reward.cache import JudgeCache
 from reward.components import RewardParams
 from reward.judge_client import JudgeSettings, RetryPolicy, Secret
+from reward.judge_watch import JudgeWatch
 from reward.limiter import LimiterService, RateLimits, RemoteLimiter
 from reward.pool import RewardPool
 from reward.spend import Prices
@@ -83,10 +85,10 @@ class Roles:
         return [(w, [requests[i] for i in share]) for w, share in zip(self.rollouts, shares) if share]
 
     # --- reward ---
-    def judge_metrics(self) -> dict[str, float]:
-        """judge/* since the last call, with the limiter's view of the whole project."""
+    def judge_metrics(self, step: int | None = None) -> dict[str, float]:
+        """judge/* of the step's stories, with the limiter's view of the whole project now."""
         limiter = ray.get(self.limiter.stats.remote())
-        return {**self.reward_pool.take_metrics(), "judge/in_flight": limiter["in_flight"],
+        return {**self.reward_pool.take_metrics(step), "judge/in_flight": limiter["in_flight"],
                 "judge/queue_depth": limiter["waiting"], "judge/requests_last_window": limiter["requests_in_window"]}
 
     # --- learner ---
@@ -179,24 +181,9 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     _wait_until_released([*names, f"{run_name}/judge-limiter"], output_dir)
     threads = _threads(cfg)
     gpu = 1 if cfg.trainer.device == "cuda" else 0
-    settings = LearnerSettings(
-        model_path=model_path, dtype=cfg.model.dtype, device=cfg.trainer.device, zero_stage=cfg.learner.zero_stage,
-        lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
-        betas=(cfg.learner.adam_beta1, cfg.learner.adam_beta2), grad_clip=cfg.learner.grad_clip,
-        micro_batch_size=cfg.learner.micro_batch_size, gradient_checkpointing=cfg.model.gradient_checkpointing,
-        clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
-        temperature=cfg.rollout.sampling.temperature, pad_token_id=pad_token_id, seed=cfg.trainer.seed,
-        checkpoint_names=cfg.rollout.engine == "vllm",
-        max_tokens_per_micro_batch=cfg.learner.max_tokens_per_micro_batch,
-        logprob_chunk_tokens=cfg.learner.logprob_chunk_tokens, offload_optimizer=cfg.learner.offload_optimizer,
-        offload_params=cfg.learner.offload_params, tis_cap=cfg.algorithm.tis_cap,
-        total_steps=cfg.trainer.total_steps, warmup_steps=cfg.learner.warmup_steps,
-        lr_schedule=cfg.learner.lr_schedule, min_lr_ratio=cfg.learner.min_lr_ratio,
-    )
+    settings = learner_settings(cfg, model_path=model_path, pad_token_id=pad_token_id)
     world = cfg.learner.world_size
-    placement = reserve(plan_placement(device=cfg.trainer.device, learner_world_size=world,
-                                       num_engines=cfg.rollout.num_engines,
-                                       tensor_parallel_size=cfg.rollout.tensor_parallel_size), name=run_name)
+    placement = reserve(placement_plan(cfg), name=run_name)
     master = ray.get(_rendezvous_address.options(**placement.learner(0)).remote())
     learners = [
         _LearnerActor.options(name=f"{run_name}/learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu,
@@ -210,6 +197,28 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     roles = Roles(learners, rollouts, reward_workers, limiter, pool, placement=placement)
     _form_weight_group(cfg, roles)
     return roles
+
+
+def learner_settings(cfg: Config, *, model_path: str, pad_token_id: int) -> LearnerSettings:
+    """What every learner rank is built from."""
+    lr, algo = cfg.learner, cfg.algorithm
+    return LearnerSettings(
+        model_path=model_path, dtype=cfg.model.dtype, device=cfg.trainer.device, zero_stage=lr.zero_stage,
+        lr=lr.lr, weight_decay=lr.weight_decay, betas=(lr.adam_beta1, lr.adam_beta2), grad_clip=lr.grad_clip,
+        micro_batch_size=lr.micro_batch_size, gradient_checkpointing=cfg.model.gradient_checkpointing,
+        clip_low=algo.clip_low, clip_high=algo.clip_high, temperature=cfg.rollout.sampling.temperature,
+        pad_token_id=pad_token_id, seed=cfg.trainer.seed, checkpoint_names=cfg.rollout.engine == "vllm",
+        max_tokens_per_micro_batch=lr.max_tokens_per_micro_batch, logprob_chunk_tokens=lr.logprob_chunk_tokens,
+        offload_optimizer=lr.offload_optimizer, offload_params=lr.offload_params, tis_cap=algo.tis_cap,
+        total_steps=cfg.trainer.total_steps, warmup_steps=lr.warmup_steps, lr_schedule=lr.lr_schedule,
+        min_lr_ratio=lr.min_lr_ratio,
+    )
+
+
+def placement_plan(cfg: Config, *, learners: bool = True) -> PlacementPlan:
+    """The devices each role reserves; learners=False: mode=eval, engines only."""
+    return plan_placement(device=cfg.trainer.device, learner_world_size=cfg.learner.world_size if learners else 0,
+                          num_engines=cfg.rollout.num_engines, tensor_parallel_size=cfg.rollout.tensor_parallel_size)
 
 
 def start_rollouts(cfg: Config, model_path: str, *, stop_token_ids: list[int], pad_token_id: int, run_name: str,
@@ -234,13 +243,10 @@ def start_eval_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int],
     names = [f"{run_name}/{role}-{i}" for role, n in (("rollout", cfg.rollout.num_engines),
              ("reward", cfg.eval.judge.num_workers)) for i in range(n)]
     _wait_until_released([*names, f"{run_name}/judge-limiter"], output_dir)
-    placement = reserve(plan_placement(device=cfg.trainer.device, learner_world_size=0,
-                                       num_engines=cfg.rollout.num_engines,
-                                       tensor_parallel_size=cfg.rollout.tensor_parallel_size), name=run_name)
+    placement = reserve(placement_plan(cfg, learners=False), name=run_name)
     rollouts = start_rollouts(cfg, model_path, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
                               run_name=run_name, placement=placement)
-    limiter, reward_workers, pool = start_reward_pool(cfg, judge_base_url, run_name, output_dir, judge=cfg.eval.judge,
-                                                      evaluation=True)
+    limiter, reward_workers, pool = start_reward_pool(cfg, judge_base_url, run_name, output_dir, evaluation=True)
     return Roles([], rollouts, reward_workers, limiter, pool, placement=placement)
 
 
@@ -260,12 +266,11 @@ def _wait_until_released(names: list[str], output_dir: str, timeout_s: float = 6
             time.sleep(0.5)
 
 
-def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_dir: str, *,
-                      judge: JudgeConfig | None = None, evaluation: bool = False):
+def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_dir: str, *, evaluation: bool = False):
     """One limiter actor (the project's rate limit), N async reward workers leasing from it, and
     the driver-side pool that batches stories to them. The workers are restarted if they die;
-    the pool re-sends their unanswered stories. judge: cfg.judge unless given (eval.judge)."""
-    j = judge or cfg.judge
+    the pool re-sends their unanswered stories. The judge is cfg.judge, or cfg.eval.judge for evaluation."""
+    j = cfg.eval.judge if evaluation else cfg.judge
     limits = RateLimits(rpm=j.rpm, burst=j.rpm_burst, input_tpm=j.input_tpm, max_in_flight=j.max_in_flight,
                         lease_ttl_s=j.timeout_s + 60)
     limiter_name = f"{run_name}/judge-limiter"
@@ -279,37 +284,44 @@ def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_di
         .remote(settings, reward_params(cfg, validation=False), RemoteLimiter(limiter_name, NAMESPACE), secret)
         for i in range(j.num_workers)
     ]
-    cache = None
-    if j.cache:
-        default = "eval_judge_cache.sqlite" if evaluation else "judge_cache.sqlite"
-        cache = JudgeCache(j.cache_path or os.path.join(output_dir, default))
+    cache_file = judge_cache_file(j, output_dir, evaluation=evaluation)
+    cache = JudgeCache(cache_file) if cache_file is not None else None
+    watch = None if evaluation else JudgeWatch(settings, max_rejections=cfg.judge.max_consecutive_rejections,
+                                               max_dry_steps=cfg.judge.max_steps_without_judgment)
     pool = RewardPool(workers, cache_params=settings.cache_params(), cache=cache, batch_size=j.dispatch_batch,
                       prices=Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor),
-                      flex=settings.flex)
+                      flex=settings.flex, watch=watch)
     return limiter, workers, pool
 
 
-def _form_weight_group(cfg: Config, roles: Roles) -> None:
+def weight_sync_settings(cfg: Config) -> tuple[str, int]:
+    """(backend, bucket_mb) of the learner-to-engines weight group; auto: nccl on cuda, gloo on cpu."""
     backend = cfg.weight_sync.backend
     if backend == "auto":
         backend = "nccl" if cfg.trainer.device == "cuda" else "gloo"
+    return backend, cfg.weight_sync.bucket_mb
+
+
+def _form_weight_group(cfg: Config, roles: Roles) -> None:
+    backend, bucket_mb = weight_sync_settings(cfg)
     host, port = ray.get(_rendezvous_address.options(**roles.placement.learner(0)).remote())
     shards = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
     world = 1 + len(roles.rollouts) * shards
     # engine side first: their joins wait on the store that learner rank 0 then hosts
-    joins = [w.init_weight_sync.remote(backend, host, port, 1 + i * shards, world, cfg.weight_sync.bucket_mb)
+    joins = [w.init_weight_sync.remote(backend, host, port, 1 + i * shards, world, bucket_mb)
              for i, w in enumerate(roles.rollouts)]
-    joins.append(roles.learners[0].init_weight_sync.remote(backend, host, port, world, cfg.weight_sync.bucket_mb))
+    joins.append(roles.learners[0].init_weight_sync.remote(backend, host, port, world, bucket_mb))
     ray.get(joins)
 
 
-def judge_settings(j: JudgeConfig, base_url: str, *, evaluation: bool = False) -> JudgeSettings:
+def judge_settings(j: JudgeServiceConfig, base_url: str, *, evaluation: bool = False) -> JudgeSettings:
     retry = RetryPolicy(max_attempts=j.max_attempts, backoff_s=j.backoff_s, max_backoff_s=j.max_backoff_s,
                         timeout_s=j.timeout_s, deadline_s=j.story_deadline_s)
     return JudgeSettings(backend=j.backend, model=j.model, base_url=base_url or j.base_url, api_key_env=j.api_key_env,
                          vertex=j.vertex, flex=j.service_tier == "flex", temperature=j.temperature, top_p=j.top_p,
                          seed=None if j.seed < 0 else j.seed, thinking_level=j.thinking_level,
-                         max_output_tokens=j.max_output_tokens or None, retry=retry, evaluation=evaluation)
+                         max_output_tokens=j.max_output_tokens or None, retry=retry, evaluation=evaluation,
+                         unanswered_output_tokens=j.unanswered_output_tokens)
 
 
 def reward_params(cfg: Config, *, validation: bool) -> RewardParams:

@@ -22,6 +22,10 @@ DEFAULT_CONF = "tiny"
 # Keys that existed once: a YAML or command line that still sets one gets this instead of "unknown".
 REMOVED_KEYS = {
     "algorithm.kl_coef": "removed: it never had an effect (there is no KL term; the original run has none)",
+    "data.val_path": "removed: use eval.prompts_path (the periodic validation's prompts; this file was only "
+                     "checked, never used)",
+    "eval.judge.budget_usd": "removed: it never had an effect (an evaluation is not capped; judge.budget_usd "
+                             "caps a training run, its periodic validation included)",
 }
 
 
@@ -200,6 +204,9 @@ def validate(c: Config) -> None:
     _check(0 <= r.blank_min_visible_ratio <= 1, "reward.blank_min_visible_ratio", "must be in [0, 1]")
     _check(r.judge_addressed_penalty >= 0, "reward.judge_addressed_penalty", "must be >= 0")
     _check_judge(c.judge, "judge")
+    _check(c.judge.budget_usd >= 0, "judge.budget_usd", "must be >= 0 (0 = none)")
+    for name in ("max_consecutive_rejections", "max_steps_without_judgment"):
+        _check(getattr(c.judge, name) >= 0, f"judge.{name}", "must be >= 0 (0 = never)")
     _check_judge(c.eval.judge, "eval.judge")
     e = c.eval
     _check(e.length_scale > 0, "eval.length_scale", "must be > 0")
@@ -220,10 +227,11 @@ def _check_judge(j, at: str) -> None:
     _one_of(j.backend, f"{at}.backend", ("local", "gemini", "openai"))
     _one_of(j.service_tier, f"{at}.service_tier", ("flex", "standard"))
     _one_of(j.thinking_level, f"{at}.thinking_level", ("minimal", "low", "medium", "high"))
-    for name in ("rpm", "rpm_burst", "input_tpm", "max_output_tokens", "budget_usd", "local.rpm_limit"):
+    for name in ("rpm", "rpm_burst", "input_tpm", "max_output_tokens", "local.rpm_limit"):
         _check(_get(j, name) >= 0, f"{at}.{name}", "must be >= 0 (0 = none)")
     for name in ("max_in_flight", "num_workers", "dispatch_batch", "max_attempts"):
         _check(_get(j, name) >= 1, f"{at}.{name}", "must be >= 1")
+    _check(j.unanswered_output_tokens >= 0, f"{at}.unanswered_output_tokens", "must be >= 0")
     for name in ("timeout_s", "story_deadline_s", "backoff_s", "max_backoff_s"):
         _check(_get(j, name) > 0, f"{at}.{name}", "must be > 0")
     for name in ("price.input_per_mtok", "price.output_per_mtok", "price.flex_factor", "local.latency_min_s"):

@@ -24,7 +24,6 @@ class TrainerConfig:
 @dataclass
 class DataConfig:
     train_path: str = "data/polaris/train.parquet"
-    val_path: str = "data/polaris/val.parquet"
     prompts_per_step: int = 8
     max_prompt_tokens: int = 256
 
@@ -168,7 +167,11 @@ class LocalJudgeConfig:
 
 
 @dataclass
-class JudgeConfig:
+class JudgeServiceConfig:
+    """A judge service and the reward pool that calls it: model, sampling, tier, limits, retries,
+    prices, cache, the loopback server. eval.judge is one; judge (JudgeConfig) adds what only a
+    training run does with its judge."""
+
     backend: str = "gemini"  # local | gemini | openai
     model: str = "gemini-3-flash-preview"
     temperature: float = 0.2
@@ -194,17 +197,27 @@ class JudgeConfig:
     timeout_s: float = 900.0  # one attempt (flex latency runs to minutes)
     story_deadline_s: float = 3600.0  # all attempts of one story
     price: JudgePriceConfig = field(default_factory=JudgePriceConfig)
-    budget_usd: float = 0.0  # stop cleanly before a step would pass it; 0 = no cap
+    unanswered_output_tokens: int = 4096  # an attempt sent and never answered is priced at its input estimate + this
     cache: bool = True
     cache_path: str = ""  # "" = {trainer.output_dir}/judge_cache.sqlite
     local: LocalJudgeConfig = field(default_factory=LocalJudgeConfig)
 
 
-def _evaluation_judge() -> JudgeConfig:
+@dataclass
+class JudgeConfig(JudgeServiceConfig):
+    """The training run's judge: the service, a spend cap, and when a dead judge stops the run."""
+
+    budget_usd: float = 0.0  # stop cleanly before a step would pass it; 0 = no cap
+    # a dead judge stops the run after a checkpoint (reward/judge_watch.py); 0 = never
+    max_consecutive_rejections: int = 8  # stories in a row refused with a status never retried (400/401/403/404)
+    max_steps_without_judgment: int = 3  # steps in a row in which no story was judged (429/503/timeouts throughout)
+
+
+def _evaluation_judge() -> JudgeServiceConfig:
     """The paper's evaluation judge: GPT-5.4 through an OpenAI-compatible client, temperature 0.2, seed 42."""
-    return JudgeConfig(backend="openai", model="gpt-5.4", temperature=0.2, top_p=1.0, seed=42,
-                       service_tier="standard", api_key_env="OPENAI_API_KEY", rpm=500, input_tpm=0,
-                       max_attempts=4, timeout_s=600.0)
+    return JudgeServiceConfig(backend="openai", model="gpt-5.4", temperature=0.2, top_p=1.0, seed=42,
+                              service_tier="standard", api_key_env="OPENAI_API_KEY", rpm=500, input_tpm=0,
+                              max_attempts=4, timeout_s=600.0)
 
 
 @dataclass
@@ -218,7 +231,7 @@ class EvalConfig:
     prompts_path: str = "data/polaris/test.parquet"  # the POLARIS test split (uid, prompt, target_word_count)
     length_scale: float = 1.0  # bucket edges (1k..12k words) and the 50-word tolerance floor x this
     subset_size: int = 36  # prompts in the periodic validation: a fixed subset spread over the buckets
-    judge: JudgeConfig = field(default_factory=_evaluation_judge)
+    judge: JudgeServiceConfig = field(default_factory=_evaluation_judge)
 
 
 @dataclass

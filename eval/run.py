@@ -209,6 +209,7 @@ def evaluate(cfg) -> Path:
     prompts = load_prompts(resolve_path(cfg.eval.prompts_path), require_reference=False)
     out = Path(cfg.trainer.output_dir) / "eval" / "_vs_".join(label.replace("/", "_") for label in folders)
     results: dict[str, list[EvalStory]] = {}
+    spend_usd = 0.0
     with judge_endpoint(cfg.eval.judge) as (url, _):
         preflight(judge_settings(cfg.eval.judge, url, evaluation=True))  # a missing key or dead judge: refused here
         out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +227,9 @@ def evaluate(cfg) -> Path:
             try:
                 results[label] = generate_and_judge(roles, codec, kept, cfg, label=label,
                                                     submit=roles.reward_pool.submit, progress=cfg.trainer.progress_bar)
+                spend_usd += roles.reward_pool.total_usd
             finally:
                 roles.shutdown()
     write_report(out, results, cfg)
+    print(f"eval: judge spend ${spend_usd:.4f}")
     return out

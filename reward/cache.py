@@ -3,13 +3,17 @@
 Keyed by everything that decides a judgment (judge backend, model, rubric version, sampling and
 thinking settings) plus the prompt and story texts the judge sees. It stores the judgment (the
 rubric scores), not the reward: reward weights may change between runs, the judgment does not.
-SQLite in WAL mode: safe across processes, and every put is committed as it arrives.
+SQLite in WAL mode: safe across processes, and every put is committed as it arrives. One
+connection serves the threads of a process (the reward pool's loop reads and writes), one at a
+time under a lock: Python's sqlite3 keeps per-connection transaction state that interleaved
+calls corrupt. A backup (the driver, into a checkpoint) reads through a connection of its own.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -28,6 +32,7 @@ class JudgeCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -39,25 +44,28 @@ class JudgeCache:
                             "judge.cache=false") from None
 
     def get(self, key: str) -> Judgment | None:
-        row = self._db.execute("SELECT scores, evidence FROM judgments WHERE key = ?", (key,)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT scores, evidence FROM judgments WHERE key = ?", (key,)).fetchone()
         return Judgment(json.loads(row[0]), json.loads(row[1])) if row else None
 
     def put(self, key: str, judgment: Judgment, input_tokens: int = 0, output_tokens: int = 0) -> None:
-        self._db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?)",
-                         (key, json.dumps(judgment.scores), json.dumps(judgment.evidence), input_tokens,
-                          output_tokens, time.time()))
-        self._db.commit()
+        row = (key, json.dumps(judgment.scores), json.dumps(judgment.evidence), input_tokens, output_tokens, time.time())
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?)", row)
+            self._db.commit()
 
     def backup(self, destination: str | Path) -> None:
-        """A consistent copy (SQLite's online backup), e.g. into a checkpoint."""
-        with closing(sqlite3.connect(destination)) as out:
-            self._db.backup(out)
+        """A consistent copy of what is committed (SQLite's online backup), e.g. into a checkpoint."""
+        with closing(sqlite3.connect(self.path, timeout=30.0)) as source, closing(sqlite3.connect(destination)) as out:
+            source.backup(out)
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def __enter__(self) -> JudgeCache:
         return self

@@ -29,14 +29,16 @@ class GeminiJudgeAPI:
     def __init__(self, api_key: str | None, *, model: str = "gemini-3-flash-preview",
                  base_url: str | None = None, vertexai: bool = False, project: str | None = None,
                  location: str | None = None, flex: bool = True, temperature: float = 0.2,
-                 top_p: float = 0.9, thinking_level: str = "medium", max_output_tokens: int | None = None):
+                 top_p: float = 0.9, thinking_level: str = "medium", max_output_tokens: int | None = None,
+                 seed: int | None = None):
         if not api_key and not vertexai:
             raise EnvironmentSetupError("the Gemini judge needs an API key (none was given)")
         self.model, self.base_url, self.vertexai, self.flex = model, base_url, vertexai, flex
         self.name = f"{base_url or ('Vertex AI' if vertexai else 'the Gemini API')} ({model})"
         self._secret = api_key or ""
         self._thinking = types.ThinkingConfig(thinking_level=thinking_level.upper(), include_thoughts=False)
-        self._sampling = {"temperature": temperature, "top_p": top_p, "max_output_tokens": max_output_tokens}
+        self._sampling = {"temperature": temperature, "top_p": top_p, "max_output_tokens": max_output_tokens,
+                          "seed": seed}
         self._configs: dict[tuple[str, bool], types.GenerateContentConfig] = {}
         self._flex_client = self._client(api_key, project, location, flex=flex)
         self._standard_client = self._client(api_key, project, location, flex=False)

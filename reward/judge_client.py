@@ -8,6 +8,9 @@ Retried: 408/429/5xx, timeouts, connection errors, unparsable or schema-violatin
 exponential backoff with jitter, never shorter than the service's Retry-After. Bounded by
 max_attempts and a per-story deadline counted from the first attempt (time queued behind the
 rate limit before it does not count: it is the pool's backlog, not the story's trouble).
+
+Billing (reward/spend.py): an attempt sent and never answered is priced at its estimate; a story
+reports its cost so far as it goes, so the attempts of a worker that dies are not lost.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from reward import rubric
 from reward.judge_api import JudgeAPI, JudgeHTTPError
 from reward.limiter import RateLimiter, RateLimits
 from reward.rubric import JudgeOutputError, Judgment
+from reward.spend import Billing
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +52,13 @@ class RetryPolicy:
 class JudgeResult:
     judgment: Judgment | None
     overall: float | None  # rubric.overall_score; None when the judgment failed
-    input_tokens: int  # summed over every attempt the service billed
+    input_tokens: int  # summed over every attempt billed; one without an answer at its estimate (spend.py)
     output_tokens: int  # visible + thought tokens (thoughts are billed as output)
-    attempts: int
+    attempts: int  # sent
     error: str | None = None
     latency_s: float = 0.0  # first send to final answer
     wait_s: float = 0.0  # time spent waiting for rate-limit leases
+    rejected_status: int | None = None  # the HTTP status that failed the story with no retry (400/401/403/404)
 
     @property
     def ok(self) -> bool:
@@ -94,13 +99,27 @@ def classify(e: BaseException) -> _Retryable | None:
     return None
 
 
+def _never_billed(e: BaseException) -> bool:
+    """An error status was answered without a bill; a connection that was never made never
+    reached the service. Anything else (a timeout, a dropped connection) may be billed."""
+    if isinstance(e, (JudgeHTTPError, aiohttp.ClientConnectorError, ConnectionRefusedError)):
+        return True
+    try:
+        import httpx
+        return isinstance(e, httpx.ConnectError)
+    except ImportError:
+        return False
+
+
 class Judge:
     """Create and use within one event loop."""
 
     def __init__(self, api: JudgeAPI, *, retry: RetryPolicy = RetryPolicy(), limiter: Limiter | None = None,
                  evaluation: bool = False, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = None):
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 unanswered_output_tokens: int = 4096):
         self.api, self.retry, self.evaluation = api, retry, evaluation
+        self.unanswered_output_tokens = unanswered_output_tokens
         self.limiter = limiter if limiter is not None else RateLimiter(RateLimits())
         self._sleep, self._clock = sleep, clock
         self._rng = random.Random(seed)
@@ -113,12 +132,15 @@ class Judge:
             delay = max(delay, retry_after)
         return delay
 
-    async def judge(self, prompt_text: str, story: str) -> JudgeResult:
-        """Judge one story. prompt_text must already lack its length sentence."""
+    async def judge(self, prompt_text: str, story: str,
+                    report: Callable[[Billing], None] = lambda billing: None) -> JudgeResult:
+        """Judge one story. prompt_text must already lack its length sentence. report(billing): the
+        story's cost so far, before each send (that attempt priced as unanswered) and after each
+        attempt that is retried (as billed)."""
         req = rubric.build_judge_request(prompt_text, story)
-        estimate = estimate_input_tokens(req)
+        estimate, unanswered_out = estimate_input_tokens(req), self.unanswered_output_tokens
         tin = tout = 0
-        wait_s, first_send, error = 0.0, None, "not attempted"
+        wait_s, first_send, error, rejected = 0.0, None, "not attempted", None
         for attempt in range(1, self.retry.max_attempts + 1):
             t0 = self._clock()
             lease = await self.limiter.acquire(estimate)
@@ -129,7 +151,9 @@ class Judge:
             if remaining <= 0:
                 self.limiter.release(lease, 0)
                 error += f" (per-story deadline {self.retry.deadline_s:g}s reached)"
+                attempt -= 1  # not sent
                 break
+            report(Billing(tin + estimate, tout + unanswered_out, attempt))
             billed = None
             try:
                 answer = await self.api.send(req, timeout_s=min(self.retry.timeout_s, remaining))
@@ -141,10 +165,14 @@ class Judge:
             except Exception as e:  # noqa: BLE001 -- classified below; never escapes
                 retry = classify(e)
                 error = str(retry) if retry else f"{type(e).__name__}: {e}"
+                if billed is None and not _never_billed(e):
+                    tin, tout = tin + estimate, tout + unanswered_out
+                rejected = e.status if isinstance(e, JudgeHTTPError) and retry is None else None
             finally:
                 self.limiter.release(lease, billed)
             if retry is None or attempt == self.retry.max_attempts:
                 break
+            report(Billing(tin, tout, attempt))
             delay = self.backoff(attempt, retry.retry_after)
             if self._clock() + delay - first_send >= self.retry.deadline_s:
                 error += f" (per-story deadline {self.retry.deadline_s:g}s reached)"
@@ -153,7 +181,7 @@ class Judge:
             await self._sleep(delay)
         log.warning("judge failed after %d attempt(s): %s", attempt, error)
         latency = self._clock() - first_send if first_send is not None else 0.0
-        return JudgeResult(None, None, tin, tout, attempt, error, latency, wait_s)
+        return JudgeResult(None, None, tin, tout, attempt, error, latency, wait_s, rejected)
 
     async def preflight(self, timeout_s: float = 60.0) -> None:
         """One tiny judgment on the standard tier (fast; checks key, model, thinking level and
@@ -204,6 +232,7 @@ class JudgeSettings:
     max_output_tokens: int | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     evaluation: bool = False
+    unanswered_output_tokens: int = 4096  # the output an attempt without an answer is priced at (spend.py)
 
     def cache_params(self) -> dict:
         """Everything that changes a judgment besides the texts (goes into the cache key)."""
@@ -255,12 +284,14 @@ def make_api(s: JudgeSettings, secret: Secret | None = None) -> JudgeAPI:
 
     return GeminiJudgeAPI(key, model=s.model, base_url=s.base_url or None, vertexai=s.vertex, flex=s.flex,
                           temperature=s.temperature, top_p=s.top_p, thinking_level=s.thinking_level,
-                          max_output_tokens=s.max_output_tokens)
+                          max_output_tokens=s.max_output_tokens, seed=s.seed)
 
 
 def make_judge(s: JudgeSettings, limiter: Limiter | None = None, secret: Secret | None = None) -> Judge:
     """secret: the key read by the driver; None: read it from this process's environment."""
-    return Judge(make_api(s, secret), retry=s.retry, limiter=limiter, evaluation=s.evaluation)
+    unanswered = min(s.unanswered_output_tokens, s.max_output_tokens or s.unanswered_output_tokens)
+    return Judge(make_api(s, secret), retry=s.retry, limiter=limiter, evaluation=s.evaluation,
+                 unanswered_output_tokens=unanswered)
 
 
 def preflight(settings: JudgeSettings, timeout_s: float = 60.0) -> None:

@@ -4,13 +4,18 @@ completions on 127.0.0.1, with the real services' failure modes.
 Routes: POST .../models/{model}:generateContent (Developer API /v1beta/ and /v1/, Vertex
 /v1beta1/ and /v1/ with or without projects/{p}/locations/{l}/publishers/google/); POST
 /v1/chat/completions and /chat/completions (OpenAI-compatible, json_schema response_format);
-GET /stats (the stats() dict; neither counted nor rate limited). Answers carry deterministic
-rubric scores from text features (reward/stand_in_scores.py) that fit the request's schema,
-in each API's envelope (reward/stand_in_wire.py); no schema -> the text "OK". Any API key is
-accepted and none is recorded (`requests` keeps path, body and the other headers). stats()
-counts the tokens its answers bill (thought tokens apart; a service bills them as output).
+GET /stats (the stats() dict; neither counted nor rate limited); POST /control
+{"refuse_with": 401} (every request refused with that status, as a service refuses a revoked
+key; null: serve again). Answers carry deterministic rubric scores from text features
+(reward/stand_in_scores.py) that fit the request's schema, in each API's envelope
+(reward/stand_in_wire.py); no schema -> the text "OK". Any API key is accepted and none is
+recorded (`requests` keeps path, body and the other headers of the latest keep_requests
+arrivals). stats() counts the tokens its answers bill (thought tokens apart; a service bills
+them as output). Memory stays flat over a run of any length: counters, the last keep_requests
+requests, the last LATENCY_WINDOW handling times and the accepted arrivals of the last history_s.
 
 What a request goes through, on either API:
+- refuse_with set: answered at once with that status (no latency, not in the RPM window).
 - rpm_limit > 0: at most rpm_limit accepted arrivals in any trailing window_s seconds; an
   arrival beyond that is rejected at once with 429 and Retry-After (whole seconds until the
   oldest accepted arrival leaves the window) and counted as a violation.
@@ -28,68 +33,30 @@ until Ctrl-C.
 
 from __future__ import annotations
 
-import contextlib
-
 import argparse
 import asyncio
 import bisect
+import contextlib
 import json
 import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from reward import rubric
+from reward.stand_in_faults import OUTCOMES, Faults
 from reward.stand_in_scores import break_schema, judge_json
 from reward.stand_in_wire import Call, Gemini, OpenAI, Wire
 
 API_KEY_HEADERS = ("x-goog-api-key", "authorization", "api-key")
-OUTCOMES = ("ok", "429", "503", "slow", "hang", "truncated", "schema")
 _VERSION = "/{version:v1|v1beta|v1beta1}"
+LATENCY_WINDOW = 10_000  # handling times kept for the latency quantiles
 _GEMINI_PREFIXES = (_VERSION, _VERSION + "/publishers/google",
                     _VERSION + "/projects/{project}/locations/{location}/publishers/google")
-
-
-@dataclass
-class Faults:
-    """Seeded fault injection: each accepted request draws one outcome, rates in field order."""
-    p_429: float = 0.0
-    p_503: float = 0.0
-    p_slow: float = 0.0
-    p_hang: float = 0.0
-    p_truncated: float = 0.0
-    p_schema: float = 0.0
-    retry_after_s: int = 1  # the Retry-After of injected 429s
-    slow_s: float = 2.0
-    hang_s: float = 3600.0  # past any client timeout
-    seed: int = 0
-    script: list[str] = field(default_factory=list)  # forced outcomes of the first requests
-
-    def __post_init__(self) -> None:
-        for outcome, p in self.rates().items():
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"Faults.p_{outcome} must be in [0, 1], got {p}")
-        if sum(self.rates().values()) > 1.0 + 1e-9:
-            names = " + ".join(f"p_{o}" for o in self.rates())
-            raise ValueError(f"Faults: {names} = {sum(self.rates().values())} exceeds 1")
-        unknown = [s for s in self.script if s not in OUTCOMES]
-        if unknown:
-            raise ValueError(f"Faults.script: unknown outcomes {unknown}; known: {OUTCOMES}")
-
-    def rates(self) -> dict[str, float]:
-        return {"429": self.p_429, "503": self.p_503, "slow": self.p_slow, "hang": self.p_hang,
-                "truncated": self.p_truncated, "schema": self.p_schema}
-
-    @classmethod
-    def mixed(cls, rate: float, *, seed: int = 0, hang_s: float = 3600.0) -> Faults:
-        """rate split evenly over 429, 503, hang, truncated and schema."""
-        share = rate / 5
-        return cls(p_429=share, p_503=share, p_hang=share, p_truncated=share, p_schema=share,
-                   hang_s=hang_s, seed=seed)
 
 
 class LocalJudgeServer:
@@ -99,9 +66,11 @@ class LocalJudgeServer:
     def __init__(self, port: int = 0, faults: Faults | None = None, *,
                  latency_s: tuple[float, float] = (0.0, 0.0), rpm_limit: int = 0,
                  window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, keep_requests: int = 256,
+                 history_s: float = 600.0):
         """clock: the RPM window's and the handling times' time; sleep: every latency, slow and
-        hang delay goes through it (tests pass fakes)."""
+        hang delay goes through it (tests pass fakes). keep_requests: the latest arrivals kept in
+        `requests`; history_s: how far back accepted_since() can look (at least window_s)."""
         lo, hi = latency_s
         if not 0.0 <= lo <= hi:
             raise ValueError(f"latency_s must be (lo, hi) with 0 <= lo <= hi, got {latency_s}")
@@ -112,7 +81,9 @@ class LocalJudgeServer:
         self.latency_s = (float(lo), float(hi))
         self.rpm_limit, self.window_s = rpm_limit, window_s
         self._clock, self._sleep = clock, sleep
-        self.requests: list[dict] = []  # {"path", "body", "headers"} without key headers
+        self._recent: deque[dict] = deque(maxlen=keep_requests)  # {"path", "body", "headers"} without key headers
+        self.history_s = max(history_s, window_s)
+        self._refuse_with: int | None = None
         self.in_flight = self.max_in_flight = 0
         self._fault_rng = random.Random(self.faults.seed)
         self._latency_rng = random.Random(f"latency:{self.faults.seed}")
@@ -120,20 +91,34 @@ class LocalJudgeServer:
         self._schema_faults = 0
         # Handlers run on the server's loop thread; stats() may be called from any thread.
         self._lock = threading.Lock()
-        self._accepted_at: list[float] = []  # clock() of accepted arrivals, ascending
-        self._arrivals = self._violations = self._dropped = 0
+        self._accepted_at: list[float] = []  # clock() of accepted arrivals within history_s, ascending
+        self._arrivals = self._accepted = self._violations = self._dropped = self._refused = 0
         self._answered = dict.fromkeys(OUTCOMES, 0)
-        self._handling_s: list[float] = []
+        self._handling_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._billed = {"input_tokens": 0, "output_tokens": 0, "thought_tokens": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self.base_url = ""
 
-    # -- statistics -------------------------------------------------------------------------
+    # -- statistics and control -------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[dict]:
+        """The latest keep_requests arrivals, oldest first (a copy)."""
+        with self._lock:
+            return list(self._recent)
+
+    def refuse_with(self, status: int | None) -> None:
+        """Refuse every request with this HTTP status from now on (401: a revoked key); None serves again."""
+        if status is not None and not (isinstance(status, int) and 400 <= status <= 599):
+            raise ValueError(f"refuse_with needs an HTTP error status (400-599) or None, got {status!r}")
+        self._refuse_with = status
 
     def accepted_since(self, seconds_ago: float) -> int:
-        """Accepted arrivals in the last seconds_ago seconds."""
+        """Accepted arrivals in the last seconds_ago seconds (at most history_s)."""
+        if seconds_ago > self.history_s:
+            raise ValueError(f"accepted_since({seconds_ago}): only the last history_s={self.history_s:g} s are kept")
         with self._lock:
             return self._accepted_after(self._clock() - seconds_ago)
 
@@ -145,10 +130,11 @@ class LocalJudgeServer:
             handling = sorted(self._handling_s)
             return {
                 "arrivals": self._arrivals,
-                "accepted": len(self._accepted_at),
+                "accepted": self._accepted,
                 "violations": self._violations,  # arrivals rejected by the RPM window
                 "answered": dict(self._answered),
                 "dropped": self._dropped,  # client went away before the answer
+                "refused": self._refused,  # answered with refuse_with
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "accepted_last_window": self._accepted_after(self._clock() - self.window_s),
@@ -170,6 +156,14 @@ class LocalJudgeServer:
     async def _stats(self, _request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 
+    async def _control(self, request: web.Request) -> web.Response:
+        try:
+            self.refuse_with((await request.json())["refuse_with"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            return web.json_response({"error": f'POST /control takes {{"refuse_with": STATUS or null}}: {e}'},
+                                     status=400)
+        return web.json_response({"refuse_with": self._refuse_with})
+
     async def _handle(self, request: web.Request, wire: Wire) -> web.Response:
         try:
             body = await request.json()
@@ -178,7 +172,14 @@ class LocalJudgeServer:
         if not isinstance(body, dict):
             return _error(wire, 400, "request body is not a JSON object")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in API_KEY_HEADERS}
-        self.requests.append({"path": request.path, "body": body, "headers": headers})
+        refuse = self._refuse_with
+        with self._lock:
+            self._recent.append({"path": request.path, "body": body, "headers": headers})
+            if refuse is not None:
+                self._arrivals += 1
+                self._refused += 1
+        if refuse is not None:
+            return _error(wire, refuse, f"stand-in judge: refused (HTTP {refuse})")
         wait_s = self._admit()
         if wait_s is not None:
             return _error(wire, 429, "stand-in judge: requests per minute exceeded",
@@ -207,12 +208,14 @@ class LocalJudgeServer:
         with self._lock:
             now = self._clock()
             self._arrivals += 1
+            del self._accepted_at[:bisect.bisect_right(self._accepted_at, now - self.history_s)]
             if self.rpm_limit > 0:
                 first = bisect.bisect_right(self._accepted_at, now - self.window_s)
                 if len(self._accepted_at) - first >= self.rpm_limit:
                     self._violations += 1
                     return self._accepted_at[first] + self.window_s - now
             self._accepted_at.append(now)
+            self._accepted += 1
             return None
 
     def _draw(self) -> str:
@@ -263,6 +266,7 @@ class LocalJudgeServer:
         for path in ("/v1/chat/completions", "/chat/completions"):
             app.router.add_post(path, self._openai)
         app.router.add_get("/stats", self._stats)
+        app.router.add_post("/control", self._control)
         return app
 
     @classmethod

@@ -1,11 +1,19 @@
 """The driver's side of the reward pool: submit stories one by one, get one future each.
 
 Submissions that arrive together are dispatched as one batch (one Ray call) to the reward worker
-with the fewest stories outstanding; the worker streams each story's result back as soon as it
-is judged (a Ray streaming generator), so no story waits for its batch. Before dispatch a story
-is looked up in the judge cache: a hit goes to the worker with its judgment (scored, never sent
-to the judge, costs nothing); a fresh judgment is written to the cache as it arrives. Spend is
-metered here from the billed tokens of every attempt.
+with the fewest stories outstanding, counted as the worker is chosen (so the choice does not
+depend on when asyncio runs the batch's task); the worker streams each story's result back as
+soon as it is judged (a Ray streaming generator), so no story waits for its batch. Before
+dispatch a story is looked up in the judge cache: a hit goes to the worker with its judgment
+(scored, never sent to the judge, costs nothing); a fresh judgment is written to the cache as it
+arrives.
+
+Spend is metered here from what the workers report as they go (reward/spend.py): a story's cost
+so far before each attempt is sent and after each retried one. A worker that dies has reported
+every attempt it sent; its stories go to another worker and those attempts stay counted. Each
+story carries its training step, and take_metrics(step) counts that step's stories only (with
+rollout.max_staleness=1 the next step is judged while this one trains). The judge watch
+(reward/judge_watch.py) sees every story and every step's outcome: judge_down().
 
 Everything runs on one background asyncio loop; submit() and the metrics are thread-safe.
 """
@@ -20,7 +28,8 @@ from dataclasses import dataclass, field
 
 from conf.errors import JudgeError
 from reward.cache import JudgeCache, cache_key
-from reward.spend import Prices, dollars
+from reward.judge_watch import JudgeWatch
+from reward.spend import Billing, Prices, dollars
 from reward.worker import ScoredSample, ScoringJob
 
 
@@ -28,9 +37,11 @@ from reward.worker import ScoredSample, ScoringJob
 class _Item:
     job: ScoringJob
     future: concurrent.futures.Future
+    step: int | None = None  # the training step it belongs to
+    per_step: bool = True  # counted in take_metrics (validation stories are not; their spend is in the total)
     key: str | None = None  # cache key
     resubmits: int = 0
-    per_step: bool = True  # counted in take_metrics (validation stories are not; their spend is in the total)
+    reported: Billing = Billing()  # what the worker judging it now has reported
 
 
 @dataclass
@@ -50,16 +61,17 @@ class _Counters:
 class RewardPool:
     def __init__(self, workers: list, *, cache_params: dict, prices: Prices, flex: bool,
                  cache: JudgeCache | None = None, batch_size: int = 16, batch_wait_s: float = 0.005,
-                 max_resubmits: int = 2):
+                 max_resubmits: int = 2, watch: JudgeWatch | None = None):
         if not workers:
             raise ValueError("a reward pool needs at least one worker")
         self.workers, self.cache, self.cache_params = workers, cache, cache_params
         self.prices, self.flex = prices, flex
         self.batch_size, self.batch_wait_s, self.max_resubmits = batch_size, batch_wait_s, max_resubmits
+        self.watch = watch
         self.total_usd = 0.0
         self.batches_sent = 0
         self._outstanding = [0] * len(workers)
-        self._step = _Counters()
+        self._steps: dict[int | None, _Counters] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._queue: asyncio.Queue[_Item] | None = None
@@ -76,21 +88,29 @@ class RewardPool:
         self._loop.run_forever()
 
     # --- driver API ---
-    def submit(self, job: ScoringJob, *, per_step: bool = True) -> concurrent.futures.Future:
-        """per_step=False: a story outside the training step (validation): its spend goes into the
-        run's total, not into the step's judge/* counters."""
+    def submit(self, job: ScoringJob, *, step: int | None = None, per_step: bool = True) -> concurrent.futures.Future:
+        """step: the training step the story belongs to (take_metrics(step)). per_step=False: a story
+        outside the training steps (validation): its spend goes into the run's total only."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, _Item(job, future, per_step=per_step))
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, _Item(job, future, step, per_step))
         return future
 
     def score(self, jobs: list[ScoringJob]) -> list[ScoredSample]:
         futures = [self.submit(job) for job in jobs]
         return [f.result() for f in futures]
 
-    def take_metrics(self) -> dict[str, float]:
-        """judge/* since the last call (one training step)."""
+    def take_metrics(self, step: int | None = None) -> dict[str, float]:
+        """judge/* of the step's stories not taken yet (None: of those submitted without a step).
+        Taken once the step's stories are all judged, it also tells the judge watch whether the
+        step judged any. Earlier steps' counters still open (stories of a generation that was
+        replaced, judged after their step) are dropped; their spend is in the total."""
         with self._lock:
-            c, self._step = self._step, _Counters()
+            c = self._steps.pop(step, _Counters())
+            if step is not None:
+                for earlier in [s for s in self._steps if s is not None and s < step]:
+                    del self._steps[earlier]
+                if self.watch is not None:
+                    self.watch.step(c.stories, c.failed)
             total = self.total_usd
         return {
             "judge/stories": c.stories,
@@ -107,6 +127,10 @@ class RewardPool:
             "judge/latency_p99_s": _quantile(c.latencies, 0.99),
             "judge/lease_wait_mean_s": statistics.fmean(c.waits) if c.waits else 0.0,
         }
+
+    def judge_down(self) -> str | None:
+        """Why the judge is taken for dead (reward/judge_watch.py), or None."""
+        return self.watch.reason if self.watch is not None else None
 
     def close(self) -> None:
         """Stop dispatching; stories still unanswered fail with JudgeError. Idempotent."""
@@ -139,6 +163,7 @@ class RewardPool:
             for item in batch:
                 self._look_up(item)
             worker = min(range(len(self.workers)), key=self._outstanding.__getitem__)
+            self._outstanding[worker] += len(batch)  # before the next batch is placed; _run_batch takes it off
             self._loop.create_task(self._run_batch(worker, batch))
 
     def _look_up(self, item: _Item) -> None:
@@ -151,14 +176,16 @@ class RewardPool:
 
     async def _run_batch(self, worker: int, batch: list[_Item]) -> None:
         pending = dict(enumerate(batch))
-        self._outstanding[worker] += len(batch)
         self.batches_sent += 1
         try:
             stream = self.workers[worker].score_stream.options(num_returns="streaming").remote(
                 [item.job for item in batch])
             async for ref in stream:
-                index, sample = await ref
-                self._finish(pending.pop(index), sample)
+                index, event = await ref
+                if isinstance(event, Billing):
+                    self._charge(pending[index], event)
+                else:
+                    self._finish(pending.pop(index), event)
             if pending:
                 raise RuntimeError(f"the stream ended with {len(pending)} stories unanswered")
         except asyncio.CancelledError:
@@ -167,6 +194,7 @@ class RewardPool:
             raise
         except Exception as e:  # noqa: BLE001 -- a worker died or failed: its unanswered stories go again
             for item in pending.values():
+                item.reported = Billing()  # what the failed worker reported stays counted
                 if item.resubmits < self.max_resubmits:
                     item.resubmits += 1
                     self._queue.put_nowait(item)
@@ -176,24 +204,37 @@ class RewardPool:
         finally:
             self._outstanding[worker] -= len(batch)
 
+    def _counters(self, item: _Item) -> _Counters:
+        return self._steps.setdefault(item.step, _Counters()) if item.per_step else _Counters()
+
+    def _charge(self, item: _Item, billing: Billing) -> None:
+        """The story's cost on its current worker is now `billing`: count the difference."""
+        was, item.reported = item.reported, billing
+        d_in, d_out = billing.input_tokens - was.input_tokens, billing.output_tokens - was.output_tokens
+        usd = dollars(d_in, d_out, self.prices, flex=self.flex)
+        with self._lock:
+            self.total_usd += usd
+            c = self._counters(item)
+            c.requests += billing.attempts - was.attempts
+            c.input_tokens += d_in
+            c.output_tokens += d_out
+            c.usd += usd
+
     def _finish(self, item: _Item, sample: ScoredSample) -> None:
         if self.cache is not None and sample.judgment is not None and not sample.cached:
             self.cache.put(item.key, sample.judgment, sample.input_tokens, sample.output_tokens)
-        usd = dollars(sample.input_tokens, sample.output_tokens, self.prices, flex=self.flex)
+        self._charge(item, Billing(sample.input_tokens, sample.output_tokens, sample.judge_attempts))
         with self._lock:
-            self.total_usd += usd
-            c = self._step if item.per_step else _Counters()
+            c = self._counters(item)
             c.stories += 1
             c.failed += not sample.valid
             c.cache_hits += sample.cached
-            c.requests += sample.judge_attempts
             c.retries += max(0, sample.judge_attempts - 1)
-            c.input_tokens += sample.input_tokens
-            c.output_tokens += sample.output_tokens
-            c.usd += usd
             if not sample.cached:
                 c.latencies.append(sample.latency_s)
                 c.waits.append(sample.wait_s)
+            if self.watch is not None:
+                self.watch.story(sample)
         item.future.set_result(sample)
 
 

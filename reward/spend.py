@@ -1,4 +1,12 @@
-"""Judge spend: billed tokens times the price table (docs/design.md#the-judge). Pure."""
+"""Judge spend: billed tokens times the price table (docs/design.md#the-judge). Pure.
+
+What is counted is what the service bills: every attempt's usage (thoughts as output). An attempt
+that was sent and never answered (a timeout, a dropped connection, a worker that died with it in
+flight) may still be processed and billed by the service, and its usage is never seen; it is
+priced at our estimate of its input tokens (the limiter's, ~4 characters a token) plus
+judge.unanswered_output_tokens (capped by judge.max_output_tokens). An error status answer (429,
+503, 401, ...) bills nothing, nor does a connection that was never made (refused, unreachable).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +17,16 @@ class Prices:
     input_per_mtok: float = 0.50  # dollars per million input tokens, standard tier
     output_per_mtok: float = 3.00  # output, thought tokens included
     flex_factor: float = 0.5  # flex is half price
+
+
+@dataclass(frozen=True)
+class Billing:
+    """One story's judge cost so far: tokens billed (an attempt without an answer at its
+    estimate) and attempts sent."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    attempts: int = 0
 
 
 def dollars(input_tokens: int, output_tokens: int, prices: Prices, *, flex: bool) -> float:

@@ -22,8 +22,12 @@ class Call:
     model: str
 
 
-_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                  429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
 _OPENAI_KIND = {400: ("invalid_request_error", "invalid_json"),
+                401: ("invalid_request_error", "invalid_api_key"),
+                403: ("invalid_request_error", "permission_denied"),
+                404: ("invalid_request_error", "model_not_found"),
                 429: ("requests", "rate_limit_exceeded"),
                 503: ("server_error", "service_unavailable")}
 

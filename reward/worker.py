@@ -4,7 +4,7 @@ pool that leases rate-limit capacity from one limiter actor (reward/limiter.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from reward import rubric
@@ -16,6 +16,7 @@ from reward.components import (
 )
 from reward.judge_client import Judge, JudgeResult, JudgeSettings, Limiter, Secret, make_judge
 from reward.rubric import Judgment
+from reward.spend import Billing
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,12 @@ class ScoredSample:
     judgment: Judgment | None
     judge_error: str | None
     judge_attempts: int  # HTTP attempts; 0 for a cache hit
-    input_tokens: int  # billed by the judge for this story (0 for a cache hit)
+    input_tokens: int  # billed by the judge for this story (0 for a cache hit; reward/spend.py)
     output_tokens: int
     cached: bool = False
     latency_s: float = 0.0
     wait_s: float = 0.0
+    rejected_status: int | None = None  # the judge refused it with this status, not retried (401: the key)
 
     @property
     def valid(self) -> bool:
@@ -66,32 +68,47 @@ class RewardWorker:
             self._judge = make_judge(self.settings, self._limiter, self._secret)
         return self._judge
 
-    async def score_stream(self, jobs: list[ScoringJob]) -> AsyncIterator[tuple[int, ScoredSample]]:
-        """(index in jobs, result) as each story is done: one Ray call per batch, one answer per story."""
-        tasks = [asyncio.ensure_future(self._indexed(i, job)) for i, job in enumerate(jobs)]
+    async def score_stream(self, jobs: list[ScoringJob]) -> AsyncIterator[tuple[int, Billing | ScoredSample]]:
+        """(index in jobs, event) as it happens: one Ray call per batch, one ScoredSample per story when
+        it is done, and before it the story's Billing so far whenever it changes (reward/judge_client.py),
+        so that the driver has counted every attempt sent even if this worker dies."""
+        events: asyncio.Queue[tuple[int, Billing | ScoredSample | Exception]] = asyncio.Queue()
+
+        async def score(index: int, job: ScoringJob) -> None:
+            def report(billing: Billing) -> None:
+                events.put_nowait((index, billing))
+            try:
+                events.put_nowait((index, await self.score_one(job, report)))
+            except Exception as e:  # noqa: BLE001 -- raised below: the batch fails, the pool sends it again
+                events.put_nowait((index, e))
+
+        tasks = [asyncio.ensure_future(score(i, job)) for i, job in enumerate(jobs)]
         try:
-            for done in asyncio.as_completed(tasks):
-                yield await done
+            left = len(jobs)
+            while left:
+                index, event = await events.get()
+                if isinstance(event, Exception):
+                    raise event
+                left -= isinstance(event, ScoredSample)
+                yield index, event
         finally:
             for t in tasks:
                 t.cancel()
 
-    async def _indexed(self, index: int, job: ScoringJob) -> tuple[int, ScoredSample]:
-        return index, await self.score_one(job)
-
-    async def score_one(self, job: ScoringJob) -> ScoredSample:
+    async def score_one(self, job: ScoringJob, report: Callable[[Billing], None] = lambda billing: None) -> ScoredSample:
         prompt, story = job.judged_texts()
         if job.cached is not None:
             result = JudgeResult(job.cached, rubric.overall_score(job.cached, evaluation=self.settings.evaluation),
                                  0, 0, 0)
         else:
-            result = await self.judge.judge(prompt, story)
+            result = await self.judge.judge(prompt, story, report)
         reward = None
         if result.ok:
             reward = score_response(result.overall / 100.0, story, job.target_words, job.num_tokens,
                                     job.story_start, job.truncated, self.params)
         return ScoredSample(job.key, reward, result.judgment, result.error, result.attempts, result.input_tokens,
-                            result.output_tokens, job.cached is not None, result.latency_s, result.wait_s)
+                            result.output_tokens, job.cached is not None, result.latency_s, result.wait_s,
+                            result.rejected_status)
 
     async def aclose(self) -> None:
         if hasattr(self._limiter, "flush"):

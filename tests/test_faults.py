@@ -84,6 +84,31 @@ def test_a_learner_killed_stops_the_run_with_its_last_checkpoint_intact(tmp_path
 
 
 @pytest.mark.slow
+def test_a_judge_key_revoked_mid_run_stops_the_run_after_a_checkpoint(tmp_path, ray_address, tiny_model_path):
+    """The Gemini judge starts answering 401 after step 0: the run does not train on nothing to
+    trainer.total_steps. It stops within a few stories (judge.max_consecutive_rejections=8), writes
+    a checkpoint and exits 2 with one line naming the judge, the status and the way out."""
+    out = tmp_path / "revoked"
+    with LocalJudgeServer() as srv:
+        proc = start(["trainer.total_steps=3", "trainer.save_every=0", "judge.backend=gemini",
+                      f"judge.base_url={srv.base_url}"], out, ray_address, tiny_model_path,
+                     env_extra={"GEMINI_API_KEY": "AIza-revoked-mid-run"})
+        wait_for(lambda: len(logged_steps(out)) >= 1, proc)
+        srv.refuse_with(401)  # the key is revoked
+        _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert f"the judge (gemini gemini-3-flash-preview at {srv.base_url}) refused 8 stories in a row with HTTP 401" in lines[0]
+    assert "check the key in $GEMINI_API_KEY, then run the same command to resume from" in lines[0]
+    complete = checkpoint.complete_checkpoints(out)
+    assert complete and lines[0].endswith(str(complete[-1]))
+    state = checkpoint.read_state(complete[-1])
+    assert 1 <= state["steps_done"] < 3 and len(logged_steps(out)) == state["steps_done"]
+
+
+@pytest.mark.slow
 def test_planted_api_keys_appear_in_no_output(tmp_path, ray_address, tiny_model_path):
     """The gemini backend through the real google-genai client (key in a header) against the loopback server."""
     keys = {"GEMINI_API_KEY": "AIzaPLANTED-gemini-5f1c2e", "OPENAI_API_KEY": "sk-PLANTED-openai-9a8b7c",

@@ -106,9 +106,9 @@ def test_bad_input_is_refused_with_one_line_before_anything_starts(case, tmp_pat
 
 def test_original_polaris_training_files_validate_and_load(tmp_path, polaris_files):
     proc, _ = run_launch(["mode=check", f"data.train_path={polaris_files.training_parquet}",
-                          f"data.val_path={polaris_files.validation_parquet}"], tmp_path)
+                          f"eval.prompts_path={polaris_files.validation_parquet}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "8 training prompts" in proc.stdout and "2 validation prompts" in proc.stdout
+    assert "8 training prompts" in proc.stdout and "2 evaluation prompts" in proc.stdout
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def test_two_training_steps_write_metrics_config_and_a_loadable_policy(engine, t
 
 
 def test_polaris_check_prints_the_memory_plan_and_refuses_one_that_cannot_fit(tmp_path, polaris_files):
-    data = [f"data.train_path={polaris_files.training_parquet}", f"data.val_path={polaris_files.validation_parquet}",
+    data = [f"data.train_path={polaris_files.training_parquet}",
             "eval.prompts_path=data/synthetic/test.jsonl"]  # the periodic validation's prompts are checked too
     key = {"GEMINI_API_KEY": "not-a-real-key"}
     proc, _ = run_launch(["conf=polaris", "mode=check", *data], tmp_path, key)
@@ -230,3 +230,8 @@ def test_one_step_off_policy_overlap_trains_rows_one_update_old(tmp_path, ray_ad
     assert all(0 <= r["train/tis_clipped_fraction"] <= 1 for r in rows)
     assert all(r["time/judge_tail"] >= 0 and r["time/step"] > 0 for r in rows)
     assert "step    2 |" in proc.stdout  # the one-line step summary
+    for r in rows:  # step k+1 was judged while step k trained: each step's judge metrics are its own stories'
+        stories = [json.loads(line) for line in (out / "rollouts" / f"step_{r['step']:06d}.jsonl").open()]
+        assert r["judge/stories"] == len(stories) == 48
+        assert r["judge/input_tokens"] == sum(s["judge_input_tokens"] for s in stories)
+        assert r["judge/output_tokens"] == sum(s["judge_output_tokens"] for s in stories)

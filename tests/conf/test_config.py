@@ -77,6 +77,8 @@ BAD = [
     (["rollout.n"], ["rollout.n", "key=value"]),
     (["trainer.device=cpu", "weight_sync.backend=nccl"], ["weight_sync.backend", "cuda"]),
     (["algorithm.kl_coef=0.1"], ["algorithm.kl_coef", "removed: it never had an effect"]),
+    (["data.val_path=data/tiny/val.jsonl"], ["data.val_path", "removed: use eval.prompts_path"]),
+    (["eval.judge.budget_usd=5"], ["eval.judge.budget_usd", "removed: it never had an effect", "judge.budget_usd"]),
     (["learner.lr_schedule=exponential"], ["learner.lr_schedule", "constant, linear, cosine"]),
     (["learner.min_lr_ratio=2"], ["learner.min_lr_ratio", "[0, 1]"]),
 ]

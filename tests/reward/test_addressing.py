@@ -189,6 +189,9 @@ CLEAN_RESPONSE = "<think>\nrate this story 10/10? no: just write it\n</think>\n\
 
 
 def score_with_server(responses, penalty):
+    """Each response's story (what actors/codec.py hands the judge: the text after its thinking)
+    scored by a reward worker against the loopback judge."""
+    stories = [r.split("</think>", 1)[1].strip() for r in responses]
     with LocalJudgeServer() as srv:
         settings = JudgeSettings(backend="local", model="gemini-3-flash-preview", base_url=srv.base_url,
                                  retry=RetryPolicy(backoff_s=0.01, max_backoff_s=0.05, timeout_s=5))
@@ -196,8 +199,8 @@ def score_with_server(responses, penalty):
 
         async def go():
             try:
-                return [await worker.score_one(ScoringJob(f"u/{i}", PROMPT, r, 120, 300, 8, False))
-                        for i, r in enumerate(responses)]
+                return [await worker.score_one(ScoringJob(f"u/{i}", PROMPT, story, 120, 300, 8, False))
+                        for i, story in enumerate(stories)]
             finally:
                 await worker.aclose()
         results = asyncio.run(go())

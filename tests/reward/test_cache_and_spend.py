@@ -55,3 +55,51 @@ def test_budget_stops_before_a_step_would_pass_it():
     assert budget_stop_reason(5.0, 1.0, 6.5) is None
     reason = budget_stop_reason(5.0, 1.0, 5.5)
     assert "judge.budget_usd" in reason and "$5.0000" in reason
+
+
+
+def test_one_cache_is_safe_across_threads(tmp_path):
+    """Threads that read and write one cache while another copies it into checkpoints: every put
+    is found, nothing raises, and every copy opens as a cache. The interpreter switches threads
+    every microsecond here, so unguarded calls on the shared connection interleave."""
+    import sys
+    import threading
+
+    cache = JudgeCache(tmp_path / "judge_cache.sqlite")
+    keys = {t: [cache_key(PARAMS, f"p{t}", f"story {i}") for i in range(150)] for t in range(3)}
+    errors, copies = [], []
+
+    def judge_thread(t):
+        try:
+            for i, key in enumerate(keys[t]):
+                cache.put(key, judgment(i % 5), 100 + i, 20)
+                assert cache.get(key) == judgment(i % 5)
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    def checkpoint_thread():
+        try:
+            for n in range(20):
+                copies.append(tmp_path / f"checkpoint_{n}.sqlite")
+                cache.backup(copies[-1])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=judge_thread, args=(t,)) for t in keys]
+    threads.append(threading.Thread(target=checkpoint_thread))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert len(cache) == 3 * 150
+    assert all(cache.get(k) == judgment(i % 5) for ks in keys.values() for i, k in enumerate(ks))
+    for path in copies:
+        with JudgeCache(path) as copy:
+            assert len(copy) <= 3 * 150
+    cache.close()

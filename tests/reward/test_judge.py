@@ -263,6 +263,55 @@ def test_hang_past_the_timeout_is_retried():
     assert answered["hang"] == 0 and answered["ok"] == 1  # the client gave up on the hang
 
 
+def test_an_attempt_without_an_answer_is_priced_at_its_estimate():
+    """A hang past the timeout: the service has the request and bills it when it answers, which
+    the client never sees. Priced at our estimate of its input (4 characters a token, the
+    limiter's estimate) plus 4096 output tokens (the default price of an answer that never came);
+    the answered retry costs what the service billed."""
+    with LocalJudgeServer(faults=Faults(script=["hang"])) as srv:
+        (r,) = judge_all(srv.base_url, [GOOD], timeout_s=0.5, backoff_s=0.001)
+        billed = srv.stats()["billed"]
+    req = rubric.build_judge_request(PROMPT, GOOD)
+    estimate = (len(req.system_instruction) + len(req.user_text)) // 4 + 1
+    assert r.ok and r.attempts == 2
+    assert r.input_tokens == estimate + billed["input_tokens"]
+    assert r.output_tokens == 4096 + billed["output_tokens"] + billed["thought_tokens"]
+
+
+def test_a_story_reports_its_billing_as_it_goes():
+    """Before each send (the attempt in flight at its estimate) and after each attempt that is
+    retried (what the service billed), so an attempt is counted even if the worker dies."""
+    reports = []
+
+    async def go(base_url):
+        judge = make_judge(base_url, backoff_s=0.001)
+        try:
+            return await judge.judge(PROMPT, GOOD, report=reports.append)
+        finally:
+            await judge.aclose()
+    with LocalJudgeServer(faults=Faults(script=["truncated"])) as srv:
+        r = asyncio.run(go(srv.base_url))
+        billed = srv.stats()["billed"]
+    req = rubric.build_judge_request(PROMPT, GOOD)
+    estimate = (len(req.system_instruction) + len(req.user_text)) // 4 + 1
+    first = reports[1]  # the truncated answer, as billed
+    assert first.input_tokens == billed["input_tokens"] // 2 and first.attempts == 1  # two equal requests
+    assert [(b.input_tokens, b.output_tokens, b.attempts) for b in reports] == [
+        (estimate, 4096, 1), (first.input_tokens, first.output_tokens, 1),
+        (first.input_tokens + estimate, first.output_tokens + 4096, 2)]
+    assert r.ok and (r.input_tokens, r.output_tokens) == (
+        billed["input_tokens"], billed["output_tokens"] + billed["thought_tokens"])
+
+
+def test_a_refused_story_carries_the_status():
+    with LocalJudgeServer() as srv:
+        srv.refuse_with(401)
+        (r,) = judge_all(srv.base_url, [GOOD], backoff_s=0.001)
+    assert not r.ok and r.attempts == 1 and r.rejected_status == 401 and "401" in r.error
+    (ok,) = judge_all_fresh([GOOD])
+    assert ok.rejected_status is None
+
+
 def test_per_story_deadline_bounds_the_retries():
     delays = []
     with LocalJudgeServer(faults=Faults(p_429=1.0, retry_after_s=5)) as srv:
@@ -371,3 +420,15 @@ def test_openai_compatible_backend_judges_with_retries_and_the_key_from_the_envi
     assert r.overall == overall_by_hand(r.judgment.scores, evaluation=True)
     assert body["model"] == "gpt-5.4" and body["seed"] == 42 and body["temperature"] == 0.2
     assert body["response_format"]["json_schema"]["schema"] == rubric.response_json_schema()
+
+
+def test_the_gemini_request_carries_judge_seed_only_when_set(server):
+    async def send(seed):
+        api = GeminiJudgeAPI(KEY, base_url=server.base_url, seed=seed)
+        try:
+            await api.send(rubric.build_judge_request(PROMPT, SHORT), timeout_s=10)
+        finally:
+            await api.aclose()
+        return server.requests[-1]["body"]["generationConfig"]
+    assert asyncio.run(send(42))["seed"] == 42
+    assert "seed" not in asyncio.run(send(None))

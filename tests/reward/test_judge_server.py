@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import pytest
 
@@ -377,3 +378,49 @@ def test_stats_endpoint_matches_stats(judge_request):
     assert set(served) >= {"arrivals", "accepted", "violations", "answered", "in_flight",
                            "max_in_flight", "accepted_last_window", "latency_p50_s",
                            "latency_p99_s"}
+
+
+def test_a_long_stream_keeps_memory_flat():
+    """A run's worth of requests: the server keeps counters and a bounded window of recent
+    requests, so what it holds after 600 requests of 16 kB is what it holds after 1800."""
+    import tracemalloc
+
+    body = {"contents": [{"role": "user", "parts": [{"text": "a story " * 2000}]}]}  # 16 kB, no schema
+    data = json.dumps(body).encode()
+
+    def stream(conn, n):
+        for _ in range(n):
+            conn.request("POST", GEMINI_PATH, body=data, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())
+
+    with LocalJudgeServer() as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)  # one keep-alive connection
+        tracemalloc.start()
+        try:
+            stream(conn, 600)
+            held_at_600 = tracemalloc.get_traced_memory()[0]
+            stream(conn, 1200)
+            held_at_1800 = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+            conn.close()
+        stats = srv.stats()
+    assert stats["arrivals"] == stats["accepted"] == stats["answered"]["ok"] == 1800  # counters count them all
+    assert held_at_1800 - held_at_600 < 1_000_000, (held_at_600, held_at_1800)  # 1200 bodies are 19 MB
+
+
+def test_control_refuses_every_request_with_a_status_until_told_otherwise(judge_request):
+    """What a revoked key looks like: POST /control {"refuse_with": 401} and both APIs answer 401 in
+    their own error shape, at once; {"refuse_with": null} serves again."""
+    with LocalJudgeServer(latency_s=(0.5, 0.5)) as srv:
+        assert post(srv, "/control", {"refuse_with": 401}) == (200, mock.ANY, {"refuse_with": 401})
+        status, _, answer = post(srv, GEMINI_PATH, gemini_body(judge_request))
+        assert status == 401 and answer["error"]["status"] == "UNAUTHENTICATED"
+        status, _, answer = post(srv, OPENAI_PATH, openai_body(judge_request))
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+        assert post(srv, "/control", {"refuse_with": "soon"})[0] == 400
+        assert post(srv, "/control", {"refuse_with": None})[2] == {"refuse_with": None}
+        assert post(srv, GEMINI_PATH, gemini_body(judge_request))[0] == 200
+        stats = srv.stats()
+    assert (stats["arrivals"], stats["refused"], stats["accepted"], stats["answered"]["ok"]) == (3, 2, 1, 1)

@@ -1,7 +1,9 @@
 """The reward pool on Ray: async workers under one limiter, batched dispatch, per-story futures,
 the judge cache and spend; against the loopback judge."""
 import asyncio
+import concurrent.futures
 import itertools
+import threading
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from reward.judge_server import Faults, LocalJudgeServer
 from reward.limiter import LimiterService, RateLimits, RemoteLimiter
 from reward.pool import RewardPool
 from reward.spend import Prices
-from reward.worker import RewardWorker, ScoringJob
+from reward.worker import RewardWorker, ScoredSample, ScoringJob
 
 STORY = ("<think>\nplan the turn\n</think>\n\nMara counted ships. \"Nine winters,\" she said, and the lamp "
          "turned above her while the fog came in thick as wool.\n\nA hull slid out of the dark. She ran down "
@@ -166,3 +168,147 @@ def test_remote_limiter_batches_its_calls_and_keeps_the_cap(ray_address):
     while ray.get(actor.stats.remote())["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ray.get(actor.stats.remote())["in_flight"] == 0
+
+
+class HeldWorker:
+    """A reward worker's stand-in without Ray: `score_stream.options(...).remote(jobs)` records the
+    jobs and streams an answer for each (billed `tokens`) once `answer` is set."""
+
+    def __init__(self, answer: concurrent.futures.Future, tokens=(1000, 200), dispatched=None):
+        self.answer, self.tokens, self.dispatched = answer, tokens, dispatched
+        self.jobs = []
+        self.score_stream = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, batch):
+        self.jobs += batch
+        if self.dispatched is not None:
+            self.dispatched.release()
+        return self._stream(batch)
+
+    async def _stream(self, batch):
+        await asyncio.wrap_future(self.answer)
+        for i, job in enumerate(batch):
+            yield answered(i, ScoredSample(job.key, None, None, "held", 1, *self.tokens))
+
+
+async def answered(*value):
+    return value
+
+
+def test_stories_that_arrive_together_spread_over_the_workers_whatever_the_scheduling():
+    """Eight stories queue while the pool's loop is held, then one per batch: the loop dispatches
+    them back to back without running a single batch in between (the order Python 3.12 takes when
+    a queue is not empty). Each still goes to the least-loaded worker."""
+    answer, dispatched = concurrent.futures.Future(), threading.Semaphore(0)
+    workers = [HeldWorker(answer, dispatched=dispatched) for _ in range(4)]
+    pool = RewardPool(workers, cache_params={}, prices=Prices(), flex=True, batch_size=1)
+    try:
+        held = threading.Event()
+        pool._loop.call_soon_threadsafe(held.wait)  # the pool's loop waits here until every story is queued
+        futures = [pool.submit(job) for job in jobs(8)]
+        held.set()
+        for _ in range(8):
+            assert dispatched.acquire(timeout=60)
+        assert [len(w.jobs) for w in workers] == [2, 2, 2, 2]
+        answer.set_result(None)
+        assert sorted(f.result(timeout=60).key for f in futures) == sorted(j.key for j in jobs(8))
+    finally:
+        pool.close()
+
+
+def test_each_steps_judge_metrics_count_its_own_stories_only():
+    """max_staleness=1: step 1's stories are judged before step 0's metrics are taken. Step 0's
+    metrics are its three stories (1000 input + 200 output tokens each, flex, by hand:
+    (1000 x 0.50 + 200 x 3.00) / 1e6 / 2 = $0.00055 a story); step 1's its five."""
+    answer = concurrent.futures.Future()
+    pool = RewardPool([HeldWorker(answer)], cache_params={}, prices=Prices(), flex=True)
+    try:
+        futures = [pool.submit(job, step=0) for job in jobs(3, tag="step0")]
+        futures += [pool.submit(job, step=1) for job in jobs(5, tag="step1")]
+        answer.set_result(None)
+        concurrent.futures.wait(futures, timeout=60)
+        step0, step1 = pool.take_metrics(0), pool.take_metrics(1)
+    finally:
+        pool.close()
+    assert (step0["judge/stories"], step0["judge/requests"], step0["judge/input_tokens"]) == (3, 3, 3000)
+    assert step0["judge/spend_usd"] == pytest.approx(3 * 0.00055)
+    assert (step1["judge/stories"], step1["judge/input_tokens"]) == (5, 5000)
+    assert step1["judge/spend_usd"] == pytest.approx(5 * 0.00055) and step1["judge/failed"] == 5
+    assert step1["judge/spend_usd_total"] == pytest.approx(8 * 0.00055)
+
+
+def wait_until(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_mid_step_leaves_no_attempt_unbilled(ray_address, tmp_path):
+    """Each story's first answer is truncated (billed, retried), its second hangs; the worker dies
+    with the four retries in flight and Ray restarts it. Every attempt is counted: the four
+    truncated answers the service billed, the four it received and never answered at our price
+    of an unanswered attempt (input estimate + 4096 output tokens), and the four answers of the
+    restarted worker. So the run's count never falls below the service's bill: judge.budget_usd holds."""
+    from reward import rubric
+    from reward.judge_client import estimate_input_tokens
+    from reward.spend import budget_stop_reason, dollars
+
+    four = jobs(4)
+    unanswered = sum(estimate_input_tokens(rubric.build_judge_request(*job.judged_texts())) for job in four)
+    with LocalJudgeServer(faults=Faults(script=["truncated"] * 4 + ["hang"] * 4)) as srv:
+        pool, actors, _ = make_pool(srv.base_url, tmp_path, workers=1, cache=False)
+        try:
+            futures = [pool.submit(job) for job in four]
+            wait_until(lambda: srv.stats()["in_flight"] == 4, "the retries did not reach the judge")
+            before_kill = flex_usd(srv.stats()["billed"]) + dollars(unanswered, 4 * 4096, Prices(), flex=True)
+            wait_until(lambda: pool.total_usd == pytest.approx(before_kill), "the worker did not report its attempts")
+            ray.kill(actors[0], no_restart=False)
+            results = [f.result(timeout=120) for f in futures]
+            m = pool.take_metrics()
+        finally:
+            pool.close()
+        billed = srv.stats()["billed"]
+        assert srv.stats()["answered"]["truncated"] == 4 and srv.stats()["answered"]["ok"] == 4
+    assert all(r.valid and r.judge_attempts == 1 for r in results)  # the restarted worker's answers
+    expected = flex_usd(billed) + dollars(unanswered, 4 * 4096, Prices(), flex=True)
+    assert pool.total_usd == pytest.approx(expected) and m["judge/spend_usd"] == pytest.approx(expected)
+    assert m["judge/requests"] == 4 + 4 + 4
+    assert pool.total_usd > flex_usd(billed)
+    assert budget_stop_reason(pool.total_usd, 0.0, flex_usd(billed)) is not None  # a budget the bill reached stops the run
+
+
+def test_a_judge_that_refuses_every_story_is_noticed(ray_address, tmp_path):
+    from reward.judge_watch import JudgeWatch
+
+    with LocalJudgeServer() as srv:
+        pool, _, _ = make_pool(srv.base_url, tmp_path, workers=2)
+        pool.watch = JudgeWatch(JudgeSettings(backend="local", model="stand-in"), max_rejections=3, max_dry_steps=0)
+        try:
+            assert all(r.valid for r in pool.score(jobs(2)))
+            assert pool.judge_down() is None
+            srv.refuse_with(403)
+            results = pool.score(jobs(4, tag="late"))
+        finally:
+            pool.close()
+    assert [r.rejected_status for r in results] == [403] * 4
+    assert "refused 3 stories in a row with HTTP 403" in pool.judge_down()
+
+
+def test_a_step_without_a_judged_story_counts_toward_the_stop_when_its_metrics_are_taken(ray_address, tmp_path):
+    from reward.judge_watch import JudgeWatch
+
+    with LocalJudgeServer(faults=Faults(p_503=1.0)) as srv:
+        pool, _, _ = make_pool(srv.base_url, tmp_path, workers=1, max_attempts=1)
+        pool.watch = JudgeWatch(JudgeSettings(backend="local", model="stand-in"), max_rejections=3, max_dry_steps=2)
+        try:
+            for step in (0, 1):
+                results = [f.result(timeout=60) for f in [pool.submit(j, step=step) for j in jobs(3, tag=str(step))]]
+                assert not any(r.valid for r in results) and pool.judge_down() is None  # the step is not over yet
+                assert pool.take_metrics(step)["judge/failed"] == 3
+        finally:
+            pool.close()
+    assert "judged no story in 2 steps in a row (last error: HTTP 503" in pool.judge_down()
