@@ -2,7 +2,7 @@
 per seed, the mean of reward/mean over the first and the last five steps, the spread of the
 first five, the median step time and the peak memory of the whole run (driver + Ray workers).
 
-    .venv/bin/python bench/learning.py [--seeds 0 1 2] [--steps 20] [extra key=value overrides]
+    .venv/bin/python bench/learning.py [key=value overrides] [--seeds 0 1 2] [--steps 20]
 
 A seed passes when mean(last 5) - mean(first 5) > std(first 5).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def run_seed(seed: int, steps: int, out: Path, extra: list[str]) -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: resume=auto would continue an old one
     args = [sys.executable, str(ROOT / "launch.py"), f"trainer.seed={seed}", f"trainer.total_steps={steps}",
             f"trainer.output_dir={out}", "trainer.progress_bar=false", *extra]
     peak, done = [0], threading.Event()
