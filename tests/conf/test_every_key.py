@@ -342,7 +342,7 @@ PROBES: dict[str, Probe] = {
         ("length.hi_frac", "0.5"), ("length.hi_min", "20"), ("length.hi_max", "80"), ("blank_min_visible_ratio", "0.2"),
         ("blank_min_words", "20"), ("think_budget_tokens", "50"), ("think_overflow_penalty", "0.1"),
         ("truncation_start_tokens", "200"), ("truncation_scale_tokens", "32"), ("token_clip", "1.5"),
-        ("score_mode", "mean"), ("judge_addressed_penalty", "0.5"))},
+        ("score_mode", "last"), ("judge_addressed_penalty", "0.5"))},
     "judge.budget_usd": P("0.5", launched_steps),
     "weight_sync.backend": P("gloo", weight_group, conf="polaris"),
     "weight_sync.bucket_mb": P("32", weight_group),
