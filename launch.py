@@ -65,7 +65,8 @@ def build_or_find_model(cfg: Config) -> str:
         return cfg.model.path
     from learner.tiny_model import build_tiny_model
 
-    return str(build_tiny_model(cfg.model.tiny.cache_dir or None, seed=cfg.model.tiny.seed))
+    return str(build_tiny_model(cfg.model.tiny.cache_dir or None, seed=cfg.model.tiny.seed,
+                                architecture=cfg.model.tiny.architecture))
 
 
 def train(cfg: Config) -> Path | None:

@@ -36,9 +36,10 @@ class WeightSyncExtension:
 
         self.close_weight_sync()
         rank = first_rank + get_tp_group().rank_in_group
-        try:
+        self._polaris_dtype = getattr(torch, dtype_name)
+        try:  # tensors arrive as sent; receive_weights casts each to the dtype vLLM holds it in
             self._polaris_transport = make_transport(backend, host, port, rank, world_size, bucket_mb=bucket_mb,
-                                                     timeout_s=timeout_s, dtype=getattr(torch, dtype_name))
+                                                     timeout_s=timeout_s, dtype=None)
         except WeightSyncError as e:
             return rank, str(e)
         return rank, ""
@@ -55,12 +56,14 @@ class WeightSyncExtension:
         leaves the model untouched. A failure after that leaves the model half loaded: the
         error says so and the engine refuses to generate until restarted.
         """
+        from cluster.names import vllm_dtype
         from cluster.transport import WeightSyncError
 
         transport = getattr(self, "_polaris_transport", None)
         if transport is None:
             return -1, "no weight group on this engine: init_weight_sync first", True
-        weights = transport.receive(version)
+        received = transport.receive(version)
+        weights = ((n, t.to(vllm_dtype(n, self._polaris_dtype)) if t.is_floating_point() else t) for n, t in received)
         try:
             first = next(weights)
         except StopIteration:
@@ -70,7 +73,7 @@ class WeightSyncExtension:
         try:
             self.reload_weights(weights_iterator=itertools.chain([first], weights), is_checkpoint_format=True)
         except Exception as e:  # noqa: BLE001 - reported to the caller, which marks the engine broken
-            weights.close()  # drain the rest of the send so the other ranks finish it
+            received.close()  # drain the rest of the send so the other ranks finish it
             return -1, f"weights partly applied: {type(e).__name__}: {e}", False
         return version, "", True
 

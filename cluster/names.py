@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from cluster.transport import WeightSyncError
 
 # model_type -> (learner prefix, checkpoint prefix); names outside the prefix keep their name
@@ -53,3 +55,14 @@ def checkpoint_name_mapper(model_type: str) -> Callable[[str], str]:
 
 def _identity(name: str) -> str:
     return name
+
+
+# Parameters vLLM 0.32 creates in float32 whatever the model's dtype: the Gated DeltaNet layer's
+# A_log (vllm/model_executor/layers/mamba/gdn/qwen_gdn_linear_attn.py; tests/cluster/test_names.py
+# reads that source). Cast to the model dtype on arrival, they would lose precision for nothing.
+_FLOAT32_IN_VLLM = (".linear_attn.A_log",)
+
+
+def vllm_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a vLLM engine running in model_dtype holds checkpoint parameter `name` in."""
+    return torch.float32 if name.endswith(_FLOAT32_IN_VLLM) else model_dtype

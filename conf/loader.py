@@ -151,6 +151,7 @@ def validate(c: Config) -> None:
     _check(c.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
     _check(c.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
     _one_of(c.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    _one_of(c.model.tiny.architecture, "model.tiny.architecture", ("qwen3", "qwen3_5"))
     _one_of(c.rollout.engine, "rollout.engine", ("hf", "vllm"))
     policy_rows = c.rollout.n - 1 if c.algorithm.hri.enable else c.rollout.n
     _check(

@@ -33,6 +33,7 @@ class TinyModelConfig:
     """Used when model.path == "tiny": the locally built model (learner/tiny_model.py)."""
 
     seed: int = 0
+    architecture: str = "qwen3"  # qwen3 | qwen3_5 (Qwen3.5-9B's hybrid linear/full attention at small dims)
     cache_dir: str = ""  # "" = $POLARIS_CACHE or ~/.cache/polaris-rl
 
 

@@ -1,6 +1,6 @@
 """A checkpoint as a Hugging Face model folder (safetensors, config, tokenizer, generation config):
 
-    python -m learner.export CHECKPOINT OUT_DIR [--dtype bfloat16]
+    python -m learner.export CHECKPOINT OUT_DIR [--dtype bfloat16] [--vision-from BASE_FOLDER]
 
 CHECKPOINT is a complete step folder (actors/checkpoint.py) or a run's output_dir (its latest
 complete checkpoint). The weights come from the learner's DeepSpeed checkpoint: under ZeRO 1-3
@@ -59,9 +59,11 @@ def policy_weights(learner_dir: Path) -> dict[str, torch.Tensor]:
     return {name.removeprefix(PREFIX): tensor for name, tensor in state.items()}
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str | None = None) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str | None = None,
+                      vision_from: str | Path | None = None) -> Path:
     """Write the policy of `checkpoint` (a step folder or a run's output_dir) to `out_dir`, which
-    must not exist or be empty. Returns out_dir."""
+    must not exist or be empty; with vision_from, as that base model's multimodal checkpoint.
+    Returns out_dir."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     step = resolve_checkpoint(checkpoint)
@@ -83,6 +85,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str
     except RuntimeError as e:
         raise CheckpointError(f"{step}: the learner's weights do not fit the model in hf_meta: {e}") from e
     model.tie_weights()  # assign=True gives each name its own parameter; tied ones must share again
+    if vision_from is not None:
+        model = with_vision_tower(model, Path(vision_from))
     model.to(DTYPES[name])
     if (meta / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(meta)
@@ -92,10 +96,48 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     AutoTokenizer.from_pretrained(meta).save_pretrained(partial)
+    for processor_file in sorted(Path(vision_from).glob("*processor*.json")) if vision_from else ():
+        shutil.copyfile(processor_file, partial / processor_file.name)
     if out.exists():
         out.rmdir()
     partial.rename(out)
     return out
+
+
+def with_vision_tower(text_model, base: Path):
+    """The multimodal model of `base`'s class and config, holding text_model's weights as its
+    language model and base's own vision tower."""
+    import transformers
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"--vision-from {base}: no Hugging Face model there (no config.json)")
+    config = AutoConfig.from_pretrained(base)
+    if getattr(config, "vision_config", None) is None or getattr(config, "text_config", None) is None:
+        raise CheckpointError(f"--vision-from {base}: a {config.model_type} model has no vision tower; give the "
+                              "multimodal base model the run started from (e.g. a Qwen/Qwen3.5-9B folder)")
+    text = text_model.config
+    differ = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+              if getattr(config.text_config, k) != getattr(text, k)]
+    if differ:
+        raise CheckpointError(f"--vision-from {base}: its text model differs from the trained one in "
+                              + ", ".join(f"{k} ({getattr(config.text_config, k)} vs {getattr(text, k)})" for k in differ))
+    config.text_config = text
+    with torch.device("meta"):
+        model = getattr(transformers, config.architectures[0])(config)
+    weights = {n if n.startswith("lm_head.") else "model.language_model." + n.removeprefix("model."): t
+               for n, t in text_model.state_dict().items()}
+    for shard in sorted(base.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            weights.update({k: f.get_tensor(k) for k in f.keys() if k.startswith("model.visual.")})
+    missing = sorted(set(model.state_dict()) - set(weights))
+    if missing:
+        raise CheckpointError(f"--vision-from {base}: {len(missing)} weights of {config.architectures[0]} found "
+                              f"neither in the checkpoint nor in {base} (first: {missing[:3]})")
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.tie_weights()
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoints/step_NNNNNN folder, or a run's output_dir (its latest)")
     parser.add_argument("out_dir", help="a new (or empty) folder for the model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the dtype the learner trained in")
+    parser.add_argument("--vision-from", metavar="BASE_FOLDER",
+                        help="write the base model's multimodal checkpoint: its vision tower, the trained text model")
     args = parser.parse_args(argv)
     try:
         step = resolve_checkpoint(args.checkpoint)
-        out = export_checkpoint(step, args.out_dir, dtype=args.dtype)
+        out = export_checkpoint(step, args.out_dir, dtype=args.dtype, vision_from=args.vision_from)
     except PolarisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

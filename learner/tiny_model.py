@@ -1,16 +1,20 @@
-"""A tiny Qwen3 policy built locally: the CPU stand-in for the real base model.
+"""A tiny Qwen3 (or Qwen3.5-architecture) policy built locally: the CPU stand-in for the real
+base model.
 
 No registry ships a small causal LM with a chat template and a thinking switch, so we build
 one from the synthetic corpus the project ships (data/tiny/corpus.jsonl):
 
   (a) a byte-level BPE tokenizer (the `tokenizers` library), Qwen-style special tokens;
   (b) a Qwen3-like chat template with `enable_thinking` and `add_generation_prompt`;
-  (c) a Qwen3ForCausalLM config (hidden 192, 6 layers, 4 heads / 2 kv heads), seeded init;
+  (c) a seeded model: architecture "qwen3", a Qwen3ForCausalLM (hidden 192, 6 layers, 4 heads /
+      2 kv heads, tied head); or "qwen3_5", a Qwen3_5ForCausalLM shaped like Qwen3.5-9B's text
+      model at small dims (hidden 192, Gated DeltaNet linear attention and gated full attention
+      in the 9B's 3:1 ratio, partial rotary 0.25, untied head);
   (d) a short deterministic causal-LM warm-up on the corpus in chat format (loss on the
       assistant turn), so the policy writes story-like text and stops with <|im_end|>;
   (e) save_pretrained (safetensors) + tokenizer + build_info.json.
 
-The result lives in `cache_root/tiny-<hash>`, where the hash covers every build parameter,
+The result lives in `cache_root/tiny-<hash>` (tiny35-<hash> for qwen3_5), where the hash covers every build parameter,
 the recipe version and the corpus bytes; it is built once (atomically, under a file lock)
 and reused after. Same parameters and seed -> bit-identical weights.
 """
@@ -34,6 +38,7 @@ DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny" / "corpus
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # special: hidden on decode
 THINK_TOKENS = ["<think>", "</think>"]  # added but not special: the reward splits on them
 NO_THINKING_SHARE = 0.1  # warm-up rows rendered with enable_thinking=False
+ARCHITECTURES = {"qwen3": 6, "qwen3_5": 4}  # -> default number of layers
 
 # Qwen3's template, minus tools: an assistant turn with reasoning renders as
 # "<think>\n{reasoning}\n</think>\n\n{content}"; the generation prompt with
@@ -68,8 +73,9 @@ def build_tiny_model(
     cache_root: str | Path | None = None,
     *,
     seed: int = 0,
+    architecture: str = "qwen3",
     hidden_size: int = 192,
-    num_layers: int = 6,
+    num_layers: int | None = None,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 512,
@@ -85,33 +91,39 @@ def build_tiny_model(
 
     `vocab_size` caps the BPE vocabulary; the corpus is small, so the tokenizer usually
     stops below it, and the model's embedding is the tokenizer size padded to a multiple
-    of 64 (as Qwen pads its vocabulary).
+    of 64 (as Qwen pads its vocabulary). num_layers: 6 for qwen3, 4 for qwen3_5 (three linear-
+    attention layers, then a full-attention one).
     """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny model architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
     corpus_path = Path(corpus_path) if corpus_path is not None else DEFAULT_CORPUS
     if not corpus_path.is_file():
         raise DataError(f"tiny model corpus {corpus_path} not found; "
                         "run `python data/make_synthetic.py` to write it")
     params = dict(recipe=RECIPE_VERSION, seed=seed, hidden_size=hidden_size,
-                  num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                  num_layers=num_layers or ARCHITECTURES[architecture], num_heads=num_heads, num_kv_heads=num_kv_heads,
                   intermediate_size=intermediate_size, vocab_size=vocab_size,
                   max_position_embeddings=max_position_embeddings,
                   warmup_steps=warmup_steps, batch_size=batch_size, lr=lr)
+    if architecture != "qwen3":  # the Qwen3 build's key (and its cached folders) stay as they were
+        params["architecture"] = architecture
     corpus_bytes = corpus_path.read_bytes()
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()
                          + hashlib.sha256(corpus_bytes).digest()).hexdigest()[:12]
     root = Path(cache_root if cache_root is not None
                 else os.environ.get("POLARIS_CACHE", Path.home() / ".cache" / "polaris-rl"))
-    final = root / f"tiny-{key}"
+    name = "tiny" if architecture == "qwen3" else "tiny35"
+    final = root / f"{name}-{key}"
     if (final / "build_info.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"tiny-{key}.lock", "w") as lock:
+    with open(root / f"{name}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (final / "build_info.json").is_file():  # another process built it meanwhile
             return final
-        for stale in root.glob(f".tiny-{key}.tmp-*"):  # a crashed build's leftovers
+        for stale in root.glob(f".{name}-{key}.tmp-*"):  # a crashed build's leftovers
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{key}.tmp-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{key}.tmp-", dir=root))
         try:
             _build(tmp, params, _read_corpus(corpus_path, corpus_bytes), show_progress)
             tmp.chmod(0o755)  # mkdtemp makes it owner-only
@@ -142,30 +154,15 @@ def _read_corpus(path: Path, data: bytes) -> list[dict]:
 
 def _build(out: Path, params: dict, rows: list[dict], show_progress: bool) -> None:
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig
 
     started = time.time()
     tokenizer = train_tokenizer(rows, params["vocab_size"])
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = Qwen3Config(
-        vocab_size=math.ceil(len(tokenizer) / 64) * 64,
-        hidden_size=params["hidden_size"],
-        intermediate_size=params["intermediate_size"],
-        num_hidden_layers=params["num_layers"],
-        num_attention_heads=params["num_heads"],
-        num_key_value_heads=params["num_kv_heads"],
-        head_dim=params["hidden_size"] // params["num_heads"],
-        max_position_embeddings=params["max_position_embeddings"],
-        max_window_layers=params["num_layers"],
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
-        dtype="float32",
-        architectures=["Qwen3ForCausalLM"],
-    )
     torch.manual_seed(params["seed"])
-    model = Qwen3ForCausalLM(config).to(torch.float32)
+    model = _model(params, vocab_size=math.ceil(len(tokenizer) / 64) * 64, eos_id=eos_id, pad_id=pad_id)
+    config = model.config
     losses = _warm_up(model, tokenizer, rows, params, show_progress)
 
     model.generation_config = GenerationConfig(
@@ -185,6 +182,36 @@ def _build(out: Path, params: dict, rows: list[dict], show_progress: bool) -> No
         "build_seconds": round(time.time() - started, 1),
     }
     (out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _model(params: dict, *, vocab_size: int, eos_id: int, pad_id: int):
+    """The seeded, untrained model of the build's architecture, in float32."""
+    import torch
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig, Qwen3Config, Qwen3ForCausalLM
+
+    hidden, layers, heads = params["hidden_size"], params["num_layers"], params["num_heads"]
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=params["intermediate_size"],
+                  num_hidden_layers=layers, num_attention_heads=heads, head_dim=hidden // heads,
+                  max_position_embeddings=params["max_position_embeddings"], bos_token_id=None,
+                  eos_token_id=eos_id, pad_token_id=pad_id, dtype="float32")
+    if params.get("architecture", "qwen3") == "qwen3":
+        config = Qwen3Config(**common, num_key_value_heads=params["num_kv_heads"], max_window_layers=layers,
+                             tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                             architectures=["Qwen3ForCausalLM"])
+        return Qwen3ForCausalLM(config).to(torch.float32)
+    # Qwen3.5-9B's text model at small dims: 3 Gated DeltaNet layers to 1 gated full-attention layer,
+    # 4:1 query to kv heads, twice as many linear value heads as key heads, value heads x head dim =
+    # hidden, a quarter of each head rotary, untied head
+    config = Qwen3_5TextConfig(**common, num_key_value_heads=max(1, heads // 4),
+                               layer_types=[("full" if (i + 1) % 4 == 0 else "linear") + "_attention"
+                                            for i in range(layers)],
+                               linear_num_key_heads=heads // 2, linear_num_value_heads=heads,
+                               linear_key_head_dim=hidden // heads, linear_value_head_dim=hidden // heads,
+                               linear_conv_kernel_dim=4, tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.25},
+                               architectures=["Qwen3_5ForCausalLM"])
+    return Qwen3_5ForCausalLM(config).to(torch.float32)
 
 
 def train_tokenizer(rows: list[dict], vocab_size: int):

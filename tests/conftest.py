@@ -12,6 +12,14 @@ def tiny_model_path():
 
 
 @pytest.fixture(scope="session")
+def tiny35_model_path():
+    """The Qwen3.5-architecture tiny model (conf=tiny35), built once like the default one."""
+    from learner.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(architecture="qwen3_5", show_progress=False))
+
+
+@pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
     """One local Ray cluster on loopback; launch.py subprocesses join it through RAY_ADDRESS."""
     import ray

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.names import checkpoint_name_mapper
+from cluster.names import checkpoint_name_mapper, vllm_dtype
 from cluster.transport import WeightSyncError
 
 TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
@@ -115,3 +115,40 @@ def test_families_that_need_an_unknown_mapping_fail_clearly():
         checkpoint_name_mapper("qwen3_5_moe_text")
     with pytest.raises(WeightSyncError, match="unexpected qwen3_5_text parameter 'visual.x'"):
         checkpoint_name_mapper("qwen3_5_text")("visual.x")
+
+
+def test_linear_attention_weights_stack_into_vllms_fused_parameters_at_their_shapes():
+    """Qwen3.5 checkpoints keep the Gated DeltaNet input projections apart; vLLM's Qwen3_5Model
+    fuses in_proj_qkv + in_proj_z into in_proj_qkvz and in_proj_b + in_proj_a into in_proj_ba. The
+    learner's tensors, as sent, must fill those fused parameters exactly, and conv1d must arrive
+    in the checkpoint's [conv_dim, 1, kernel] shape, which vLLM's loader expects."""
+    from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+
+    stacked = vllm_mapper("qwen3_5", "Qwen3_5Model")  # applied to names under language_model.model.
+    with torch.device("meta"):
+        learner = AutoModelForCausalLM.from_config(Qwen3_5TextConfig(**TEXT))
+    shapes = {n.removeprefix("model."): tuple(p.shape) for n, p in learner.named_parameters()}
+    fused: dict[str, list] = {}
+    for name in [n for n in shapes if n.startswith("layers.0.linear_attn.in_proj")]:
+        new, shard = stacked._map_name_with_shard(name)
+        fused.setdefault(new, []).append((shard, shapes[name]))
+    # TEXT: 2 key heads x 8 = key_dim 16, 2 value heads x 8 = value_dim 16, hidden 32; vLLM sizes
+    # in_proj_qkvz as key_dim x 2 + value_dim x 2 = 64 rows and in_proj_ba as 2 x 2 value heads = 4
+    assert fused == {"layers.0.linear_attn.in_proj_qkvz.weight": [((0, 1, 2), (48, 32)), (3, (16, 32))],
+                     "layers.0.linear_attn.in_proj_ba.weight": [(0, (2, 32)), (1, (2, 32))]}
+    assert shapes["layers.0.linear_attn.conv1d.weight"] == (48, 1, 4)  # conv_dim = 16 x 2 + 16, kernel 4
+
+
+def test_the_parameters_vllm_keeps_in_float32_arrive_in_float32():
+    """Read from vLLM 0.32's Gated DeltaNet layer: the parameters it creates with dtype=torch.float32."""
+    import vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn as gdn
+
+    tree = ast.parse(Path(gdn.__file__).read_text())
+    float32 = {target.attr for node in ast.walk(tree) if isinstance(node, ast.Assign)
+               for target in node.targets if isinstance(target, ast.Attribute)
+               and "nn.Parameter" in ast.unparse(node.value) and "dtype=torch.float32" in ast.unparse(node.value)}
+    assert float32 == {"A_log"}
+    for name in ("model.language_model.layers.0.linear_attn.A_log", "model.layers.2.linear_attn.A_log"):
+        assert vllm_dtype(name, torch.bfloat16) == torch.float32
+    for name in ("model.language_model.layers.0.linear_attn.dt_bias", "lm_head.weight"):
+        assert vllm_dtype(name, torch.bfloat16) == torch.bfloat16

@@ -84,7 +84,7 @@ def tiny_run(head, tiny_model_path, tmp_path_factory):
     scraped, status = "", None
     while time.monotonic() - start < 240:
         text = _get(f"http://127.0.0.1:{head['ports']['metrics']}/metrics") or ""
-        if not scraped and any(v >= 1 for _, v in _series(text, "ray_polaris_step", run=out.name)):
+        if not scraped and any(v >= 1 for _, v in _series(text, "ray_polaris_step", run=run_tag(out))):
             scraped = text
         status = _job(head, job_id)["status"]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
@@ -92,6 +92,11 @@ def tiny_run(head, tiny_model_path, tmp_path_factory):
         time.sleep(0.25)
     logs = json.loads(_get(f"{head['url']}/api/jobs/{job_id}/logs", head["token"]))["logs"]
     return {"status": status, "logs": logs, "out": out, "scraped": scraped}
+
+
+def run_tag(out):
+    """The live gauges' run tag: the run's name (its folder's basename and run id), once it has one."""
+    return f"{out.name}-{(out / 'run_id').read_text().strip()}" if (out / "run_id").exists() else None
 
 
 @pytest.mark.slow
@@ -107,7 +112,7 @@ def test_launch_runs_as_a_ray_job_and_writes_its_outputs(tiny_run):
 def test_live_metrics_reach_the_prometheus_endpoint_during_the_run(tiny_run):
     text = tiny_run["scraped"]
     assert text, "no ray_polaris_step >= 1 for this run while the job ran"
-    run = tiny_run["out"].name
+    run = run_tag(tiny_run["out"])
     for name in ("ray_polaris_reward_mean", "ray_polaris_judge_rpm", "ray_polaris_judge_in_flight",
                  "ray_polaris_weight_version", "ray_polaris_judge_requests_total"):
         assert _series(text, name, run=run), name

@@ -260,7 +260,8 @@ def memory_plan(cfg, ctx):
 
 def model_folder(cfg, ctx):
     """The model launch.build_or_find_model gives the run (the tiny model's build recorded, not run)."""
-    ctx.monkeypatch.setattr(tiny_model, "build_tiny_model", lambda cache_root, seed: f"tiny({cache_root}, {seed})")
+    ctx.monkeypatch.setattr(tiny_model, "build_tiny_model",
+                            lambda cache_root, seed, architecture: f"tiny({cache_root}, {seed}, {architecture})")
     return launch.build_or_find_model(cfg)
 
 
@@ -308,6 +309,7 @@ PROBES: dict[str, Probe] = {
     "data.max_prompt_tokens": P("512", engine_actors),
     "model.path": P("some/folder", model_folder),
     "model.tiny.seed": P("7", model_folder),
+    "model.tiny.architecture": P("qwen3_5", model_folder),
     "model.tiny.cache_dir": P("/elsewhere", model_folder),
     "model.dtype": P("bfloat16", learner),
     "model.gradient_checkpointing": P("true", learner),

@@ -34,11 +34,12 @@ def _group_port():
 
 @pytest.fixture(scope="module")
 def build_worker(tiny_model_path, _group_port):
-    """build_worker(**overrides) -> a LearnerWorker of the tiny model."""
+    """build_worker(**overrides) -> a LearnerWorker of the tiny model (or of overrides' model_path)."""
     saved_env = dict(os.environ)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed builds a C++ op on CPU; the venv's ninja (as the Ray roles use) keeps its build cached
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
-    yield lambda **overrides: LearnerWorker(_settings(tiny_model_path, **overrides), 0, 1, "127.0.0.1", _group_port)
+    yield lambda **overrides: LearnerWorker(_settings(**{"model_path": tiny_model_path, **overrides}), 0, 1,
+                                            "127.0.0.1", _group_port)
     os.environ.clear()
     os.environ.update(saved_env)

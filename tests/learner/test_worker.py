@@ -179,6 +179,37 @@ def test_chunked_logits_token_budgets_and_offload_take_the_same_step(build_worke
         assert got == pytest.approx(want, rel=1e-5)
 
 
+def test_the_qwen3_5_shaped_model_takes_the_same_step_under_zero_1_and_zero_3(build_worker, tiny35_model_path):
+    """Gated DeltaNet and gated full attention through DeepSpeed: ZeRO-1, and ZeRO-3 with everything
+    offloaded and checkpointing, give the same loss, gradient norm and updated weights; the weights
+    the learner sends are the model's own, under their vLLM checkpoint names."""
+    rows = random_rows([30, 21, 12, 7], [1.0, -1.0, 0.5, -0.5], seed=5)
+    steps = {}
+    for stage, extra in [(1, {}), (3, {"offload_optimizer": True, "offload_params": True,
+                                       "gradient_checkpointing": True})]:
+        worker = build_worker(model_path=tiny35_model_path, zero_stage=stage, logprob_chunk_tokens=8,
+                              checkpoint_names=True, **extra)
+        metrics = worker.train_step(TrainBatch(rows, step=1))
+        sent = {name: tuple(t.shape) for name, t in worker.named_weights()}
+        steps[stage] = metrics, worker.compute_logprobs(list(rows)), sent
+    (m1, lp1, sent1), (m3, lp3, sent3) = steps[1], steps[3]
+    assert m3["loss"] == pytest.approx(m1["loss"], rel=1e-5) and m3["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+    for got, want in zip(lp3, lp1):  # the linear attention's chunked recurrence adds float32 noise ~1.5e-5
+        assert got == pytest.approx(want, rel=1e-4)
+    assert sent3 == sent1 and "model.language_model.layers.0.linear_attn.A_log" in sent1
+    assert sent1["model.language_model.layers.0.linear_attn.conv1d.weight"][1] == 1  # [conv_dim, 1, kernel]
+    assert "lm_head.weight" in sent1 and len(sent1) == 1 + sum(1 for _ in model_parameter_names(tiny35_model_path))
+
+
+def model_parameter_names(model_path):
+    """The model's parameter names but its head's (every one is sent, the head too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return [n for n, _ in model.named_parameters() if n != "lm_head.weight"]
+
+
 def batch_from_stories(tokenizer_path):
     codec = ChatCodec(AutoTokenizer.from_pretrained(tokenizer_path), enable_thinking=True, max_new_tokens=256)
     rows = []
