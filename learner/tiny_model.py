@@ -11,7 +11,9 @@ one from the synthetic corpus the project ships (data/tiny/corpus.jsonl):
       model at small dims (hidden 192, Gated DeltaNet linear attention and gated full attention
       in the 9B's 3:1 ratio, partial rotary 0.25, untied head);
   (d) a short deterministic causal-LM warm-up on the corpus in chat format (loss on the
-      assistant turn), so the policy writes story-like text and stops with <|im_end|>;
+      assistant turn), so the policy writes story-like text and stops with <|im_end|>: 150 steps
+      for qwen3, 300 for qwen3_5 (after 150, RL on one seed of three drifted into thinking it
+      never closed with </think>: bench/learning.py conf=tiny35, measured);
   (e) save_pretrained (safetensors) + tokenizer + build_info.json.
 
 The result lives in `cache_root/tiny-<hash>` (tiny35-<hash> for qwen3_5), where the hash covers every build parameter,
@@ -38,7 +40,7 @@ DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny" / "corpus
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # special: hidden on decode
 THINK_TOKENS = ["<think>", "</think>"]  # added but not special: the reward splits on them
 NO_THINKING_SHARE = 0.1  # warm-up rows rendered with enable_thinking=False
-ARCHITECTURES = {"qwen3": 6, "qwen3_5": 4}  # -> default number of layers
+ARCHITECTURES = {"qwen3": (6, 150), "qwen3_5": (4, 300)}  # -> default (layers, warm-up steps)
 
 # Qwen3's template, minus tools: an assistant turn with reasoning renders as
 # "<think>\n{reasoning}\n</think>\n\n{content}"; the generation prompt with
@@ -81,7 +83,7 @@ def build_tiny_model(
     intermediate_size: int = 512,
     vocab_size: int = 8192,
     max_position_embeddings: int = 1024,
-    warmup_steps: int = 150,
+    warmup_steps: int | None = None,
     batch_size: int = 16,
     lr: float = 3e-3,
     corpus_path: str | Path | None = None,
@@ -101,10 +103,11 @@ def build_tiny_model(
         raise DataError(f"tiny model corpus {corpus_path} not found; "
                         "run `python data/make_synthetic.py` to write it")
     params = dict(recipe=RECIPE_VERSION, seed=seed, hidden_size=hidden_size,
-                  num_layers=num_layers or ARCHITECTURES[architecture], num_heads=num_heads, num_kv_heads=num_kv_heads,
+                  num_layers=num_layers or ARCHITECTURES[architecture][0], num_heads=num_heads, num_kv_heads=num_kv_heads,
                   intermediate_size=intermediate_size, vocab_size=vocab_size,
                   max_position_embeddings=max_position_embeddings,
-                  warmup_steps=warmup_steps, batch_size=batch_size, lr=lr)
+                  warmup_steps=ARCHITECTURES[architecture][1] if warmup_steps is None else warmup_steps,
+                  batch_size=batch_size, lr=lr)
     if architecture != "qwen3":  # the Qwen3 build's key (and its cached folders) stay as they were
         params["architecture"] = architecture
     corpus_bytes = corpus_path.read_bytes()
