@@ -22,7 +22,7 @@ from actors.pipeline import InFlightStep, ReferenceRow, StopRequested, stream_ro
 from actors.rollout_log import RolloutLog
 from actors.tracking import Tracker
 from cluster.roles import Roles
-from conf.errors import JudgeError, RoleLostError
+from conf.errors import JudgeError, RoleLostError, WeightSyncError
 from conf.schema import Config
 from learner.grpo import reference_weight
 from reward.spend import budget_stop_reason
@@ -98,9 +98,10 @@ class Coordinator:
                     synced = False
             t_sync = time.perf_counter()
             if metrics["groups/rows_trained"] and synced:
-                self._sync()
+                self._sync(current.step + 1)
             end = time.perf_counter()
             metrics.update(self.phase_times(current, metrics, iteration_start, t_sync, end))
+            metrics.update(self.roles.last_sync)
             metrics["rollout/engine_restarts"] = self.engine_restarts  # in the run so far
             self._last_step_usd = metrics["judge/spend_usd"]
             self.tracker.log_step(metrics, samples=self.sample_table(current))
@@ -145,18 +146,28 @@ class Coordinator:
         raise RoleLostError(f"step {inflight.step}: the engines failed {self.cfg.rollout.max_engine_restarts + 1} "
                             f"times in a row (rollout.max_engine_restarts={self.cfg.rollout.max_engine_restarts})")
 
-    def _sync(self) -> None:
-        """The learner's update to every engine; an engine that crashed meanwhile gets it on recovery."""
+    def _sync(self, steps_done: int) -> None:
+        """The learner's update to every engine, verified (cluster/sync_verify.py). An engine that
+        died, stopped taking part or received it wrong gets it again on recovery: group re-formed,
+        update re-sent and verified. When that fails too, the update is checkpointed and the run
+        stops; a learner that died stops the run (its last checkpoint is what a resume starts from)."""
+        started = time.perf_counter()
         try:
             self.roles.sync_weights()
-        except ray.exceptions.RayActorError:
+        except (ray.exceptions.RayActorError, WeightSyncError) as e:
+            failed_at = time.perf_counter()
+            print(f"weight sync failed after {failed_at - started:.1f}s: {str(e).splitlines()[0][:300]}", flush=True)
             if self.roles.dead_learners():
-                raise
-            version = self.roles.recover_engines(self.cfg, version=self.roles.weight_version + 1)
-            self.roles.weight_version = version
+                raise self._role_lost(e) from None
+            try:
+                version = self.roles.recover_engines(self.cfg, version=self.roles.weight_version + 1)
+            except WeightSyncError as again:
+                folder = self.save_checkpoint(steps_done, updates_unsent=1)
+                raise WeightSyncError(f"{again}; it failed again after the weight group was re-formed, so the run "
+                                      f"stops with the update saved in {folder}") from None
             self.engine_restarts += 1
-            print(f"engine restart during the weight sync: weight group re-formed, v{version} sent and checked",
-                  flush=True)
+            print(f"weight sync recovered: weight group re-formed, v{version} re-sent to every engine and verified "
+                  f"in {time.perf_counter() - failed_at:.1f}s", flush=True)
 
     def _role_lost(self, error: Exception) -> RoleLostError:
         dead = self.roles.dead_learners()

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from cluster.sync_faults import SyncFault, bucket_hook, misloaded
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,11 +53,21 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def init_weight_sync(self, backend: str, host: str, port: int, first_rank: int, world_size: int,
-                         bucket_mb: int) -> None: ...
+                         bucket_mb: float, timeout_s: float) -> None: ...
 
     @abstractmethod
-    def receive_weights(self, version: int) -> None:
-        """Receive `version` from learner rank 0 and apply it in place (checkpoint-format names)."""
+    def receive_weights(self, version: int, fault: SyncFault | None = None) -> tuple[tuple[int, ...], ...]:
+        """Receive `version` from learner rank 0 and apply it in place (checkpoint-format names).
+        Returns each shard's bucket checksums, taken as the bytes arrived (cluster/sync_verify.py).
+        `fault`: a test's injected fault (cluster/sync_faults.py)."""
+
+    @abstractmethod
+    def score_probe(self, token_ids: Sequence[int], temperature: float) -> list[float]:
+        """log p(token t+1 | tokens <= t) of logits / temperature for each probe position t."""
+
+    def needs_restart(self) -> bool:
+        """True when a failed update left the engine unusable (only a fresh process recovers it)."""
+        return False
 
 
 class HFEngine(RolloutEngine):
@@ -112,27 +124,39 @@ class HFEngine(RolloutEngine):
         return generations
 
     def init_weight_sync(self, backend: str, host: str, port: int, first_rank: int, world_size: int,
-                         bucket_mb: int) -> None:
+                         bucket_mb: float, timeout_s: float) -> None:
         from cluster.transport import make_transport
 
         if getattr(self, "transport", None) is not None:
             self.transport.close()
         self.transport = make_transport(backend, host, port, first_rank, world_size, bucket_mb=bucket_mb,
-                                        dtype=self.model.dtype)
+                                        timeout_s=timeout_s, dtype=self.model.dtype)
 
     @torch.no_grad()
-    def receive_weights(self, version: int) -> None:
+    def receive_weights(self, version: int, fault: SyncFault | None = None) -> tuple[tuple[int, ...], ...]:
         params = self.model.state_dict(keep_vars=True)  # includes tied aliases such as lm_head.weight
-        for name, tensor in self.transport.receive(version):
+        weights = self.transport.receive(version, on_bucket=bucket_hook(fault))
+        if fault is not None and fault.kind == "corrupt_loaded":
+            weights = misloaded(weights)
+        for name, tensor in weights:
             if name not in params:
                 raise KeyError(f"engine model has no weight named {name!r}")
             params[name].copy_(tensor)
+        return (self.transport.received_checksums,)
+
+    @torch.no_grad()
+    def score_probe(self, token_ids: Sequence[int], temperature: float) -> list[float]:
+        from learner.logprobs import token_logprobs
+
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        return token_logprobs(self.model, ids, torch.ones_like(ids), temperature)[0].tolist()
 
 
 def build_engine(kind: str, model_path: str, *, dtype: torch.dtype, device: str,
                  stop_token_ids: Sequence[int], pad_token_id: int, tensor_parallel_size: int = 1,
-                 max_model_len: int | None = None, seed: int = 0) -> RolloutEngine:
-    """`max_model_len` (vLLM): prompt + response tokens; None = the model's context length."""
+                 max_model_len: int | None = None, seed: int = 0, cpu_cores: str | None = None) -> RolloutEngine:
+    """`max_model_len` (vLLM): prompt + response tokens; None = the model's context length.
+    `cpu_cores` (vLLM on CPU): the cores its workers bind to, as VLLM_CPU_OMP_THREADS_BIND."""
     if kind == "hf":
         if tensor_parallel_size != 1:
             raise ValueError(f"rollout.engine=hf runs on one device; tensor_parallel_size={tensor_parallel_size} "
@@ -143,5 +167,6 @@ def build_engine(kind: str, model_path: str, *, dtype: torch.dtype, device: str,
         from actors.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
-                          tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed)
+                          tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed,
+                          cpu_cores=cpu_cores)
     raise ValueError(f"unknown rollout engine {kind!r}; valid: 'hf', 'vllm'")

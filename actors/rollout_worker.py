@@ -2,10 +2,13 @@
 A plain class; cluster/roles.py makes it a Ray actor."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from actors.engine import GenerationRequest, SamplingParams, build_engine
+from cluster.sync_faults import SyncFault
+from cluster.sync_verify import SyncReport
 from cluster.transport import WeightSyncError
 
 
@@ -25,17 +28,20 @@ class Sample:
 class RolloutWorker:
     def __init__(self, engine_kind: str, model_path: str, *, dtype: str, device: str,
                  stop_token_ids: list[int], pad_token_id: int, num_threads: int = 0,
-                 tensor_parallel_size: int = 1, max_model_len: int | None = None, seed: int = 0):
+                 tensor_parallel_size: int = 1, max_model_len: int | None = None, seed: int = 0,
+                 cpu_cores: str | None = None):
         import torch
 
-        from learner.worker import DTYPES, flush_denormals
+        from learner.settings import DTYPES
+        from learner.worker import flush_denormals
 
         if num_threads:
             torch.set_num_threads(num_threads)
         flush_denormals()
         self.engine = build_engine(engine_kind, model_path, dtype=DTYPES[dtype], device=device,
                                    stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
-                                   tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed)
+                                   tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed,
+                                   cpu_cores=cpu_cores)
         self.weight_version = 0
 
     def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
@@ -55,18 +61,27 @@ class RolloutWorker:
         for start in range(0, len(requests), size):
             yield self.generate(requests[start:start + size], sampling)
 
-    def init_weight_sync(self, backend: str, host: str, port: int, rank: int, world_size: int, bucket_mb: int) -> None:
-        self.engine.init_weight_sync(backend, host, port, rank, world_size, bucket_mb)
+    def init_weight_sync(self, backend: str, host: str, port: int, rank: int, world_size: int, bucket_mb: float,
+                         timeout_s: float) -> None:
+        self.engine.init_weight_sync(backend, host, port, rank, world_size, bucket_mb, timeout_s)
 
-    def receive_weights(self, version: int, *, restoring: bool = False) -> int:
+    def receive_weights(self, version: int, *, restoring: bool = False, probe: tuple | None = None,
+                        fault: SyncFault | None = None) -> SyncReport:
         """Receive version `version` from learner rank 0 and load it; the sender checks the same
         number, so an engine that missed an update refuses the next one instead of drifting.
-        restoring: a resumed run's engines take the checkpoint's version from the base model."""
+        restoring: a resumed run's engines take the checkpoint's version from the base model.
+        probe: (token ids, temperature) to score once loaded (cluster/sync_verify.py).
+        fault: a test's injected fault (cluster/sync_faults.py)."""
         if version != self.weight_version + 1 and not restoring:
             raise WeightSyncError(f"engine holds weight version {self.weight_version}; refusing to jump to {version}")
-        self.engine.receive_weights(version)
+        if fault is not None:
+            fault = SyncFault(fault.kind, fault.after_bucket, pid=os.getpid())
+        checksums = self.engine.receive_weights(version, fault)
         self.weight_version = version
-        return version
+        return SyncReport(checksums, tuple(self.engine.score_probe(*probe)) if probe else ())
+
+    def needs_restart(self) -> bool:
+        return self.engine.needs_restart()
 
     def get_weight_version(self) -> int:
         return self.weight_version

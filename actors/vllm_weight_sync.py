@@ -25,7 +25,7 @@ class WeightSyncExtension:
     attributes (vLLM asserts this at start-up), hence the `_polaris_` prefix on state."""
 
     def init_weight_sync(self, backend: str, host: str, port: int, first_rank: int, world_size: int,
-                         bucket_mb: float, dtype_name: str, timeout_s: float = 300.0) -> tuple[int, str]:
+                         bucket_mb: float, dtype_name: str, timeout_s: float) -> tuple[int, str]:
         """Join the weight group as rank first_rank + this worker's TP rank; blocks until every
         rank joined (learner rank 0 hosts the store and may join after us). Re-forms the group
         when called again. Returns (rank, error or "")."""
@@ -44,9 +44,10 @@ class WeightSyncExtension:
             return rank, str(e)
         return rank, ""
 
-    def receive_weights(self, version: int) -> tuple[int, str, bool]:
+    def receive_weights(self, version: int, fault: tuple | None = None) -> tuple[int, str, bool, tuple[int, ...]]:
         """Receive `version` and reload it in place. Returns (version, error or "", whether the
-        model is intact: True unless loading failed half way).
+        model is intact: True unless loading failed half way, the buckets' checksums as they
+        arrived). `fault`: a test's injected fault, SyncFault.as_args() (cluster/sync_faults.py).
 
         `reload_weights(..., is_checkpoint_format=True)` runs the model's own loader (name
         mapping, TP sharding, stacked qkv/gate_up) and then the backend's post-processing (the
@@ -57,25 +58,28 @@ class WeightSyncExtension:
         error says so and the engine refuses to generate until restarted.
         """
         from cluster.names import vllm_dtype
+        from cluster.sync_faults import SyncFault, bucket_hook, misloaded
         from cluster.transport import WeightSyncError
 
         transport = getattr(self, "_polaris_transport", None)
         if transport is None:
-            return -1, "no weight group on this engine: init_weight_sync first", True
-        received = transport.receive(version)
+            return -1, "no weight group on this engine: init_weight_sync first", True, ()
+        received = transport.receive(version, on_bucket=bucket_hook(fault))
         weights = ((n, t.to(vllm_dtype(n, self._polaris_dtype)) if t.is_floating_point() else t) for n, t in received)
+        if fault is not None and SyncFault(*fault).kind == "corrupt_loaded":
+            weights = misloaded(weights)
         try:
             first = next(weights)
         except StopIteration:
-            return version, "", True  # nothing was sent
+            return version, "", True, transport.received_checksums  # nothing was sent
         except WeightSyncError as e:
-            return -1, str(e), True
+            return -1, str(e), True, ()
         try:
             self.reload_weights(weights_iterator=itertools.chain([first], weights), is_checkpoint_format=True)
         except Exception as e:  # noqa: BLE001 - reported to the caller, which marks the engine broken
             received.close()  # drain the rest of the send so the other ranks finish it
-            return -1, f"weights partly applied: {type(e).__name__}: {e}", False
-        return version, "", True
+            return -1, f"weights partly applied: {type(e).__name__}: {e}", False, ()
+        return version, "", True, transport.received_checksums
 
     def set_logit_temperature(self, temperature: float) -> int:
         """Divide the model's logits by `temperature` (the sampler then runs at temperature 1).

@@ -1,15 +1,21 @@
-"""How close is our weight sync to the floor? Broadcasts a ~30M-parameter float32 model from
-learner rank 0 into vLLM engines and compares, in the same run and on the same processes, with
-the floor: a plain broadcast of the same bytes over the same group plus one bare in-place
-reload of the same weights in one engine (no communication).
+"""How close is our weight sync to the floor, and what does verifying it cost? Broadcasts a
+~30M-parameter float32 model from learner rank 0 into vLLM engines and compares, in the same run
+and on the same processes, with the floor: a plain broadcast of the same bytes over the same
+group plus one bare in-place reload of the same weights in one engine (no communication). The
+sync runs interleaved three ways: checked (bucket checksums compared), probed (checksums and the
+probe scored by the learner and every engine) and unverified (weight_sync.verify=0). sync_s is a
+verified sync at the default cadence (weight_sync.verify=N: checksums on every sync, the probe on
+every N-th): ((N - 1) x checked + probed) / N.
 
-    .venv/bin/python bench/weight_sync.py [--engines 2] [--hidden 640] [--layers 7] [--repeats 3]
+    .venv/bin/python bench/weight_sync.py [--engines 2] [--hidden 640] [--layers 7] [--repeats 10]
 
-Last line: weight_sync: model_mb=<x> engines=<n> sync_s=<t> floor_s=<f> ratio=<t/f>
+Last line: weight_sync: model_mb=<x> engines=<n> sync_s=<t> floor_s=<f> ratio=<t/f> verify=<N>
+           unverified_s=<u> checksum_cost=<checked/u - 1> probe_cost=<probed/checked - 1>
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -82,6 +88,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--bucket-mb", type=int, default=16)
+    parser.add_argument("--settle-s", type=float, default=0.5,
+                        help="idle time before each timed call: every measurement starts from a quiet machine")
     args = parser.parse_args()
 
     import ray
@@ -109,22 +117,33 @@ def main() -> None:
 
     roles.sync_weights()  # warm-up: the first send also carries the metadata
     ray.get([e.call.remote(receive_raw, nbytes) for e in engines] + [learner.call.remote(send_raw, nbytes)])
-    sync_times, bcast_times = [], []
-    for _ in range(args.repeats):  # interleaved, so both see the same background load
-        start = time.perf_counter()
-        roles.sync_weights()
-        sync_times.append(time.perf_counter() - start)
+    checked, unverified = roles.sync, dataclasses.replace(roles.sync, verify=0)
+    series: dict[str, list[float]] = {"checked": [], "probed": [], "unverified": [], "broadcast": []}
+    for _ in range(args.repeats):  # interleaved, so all see the same background load
+        for name, settings, probe in (("checked", checked, False), ("probed", checked, True),
+                                      ("unverified", unverified, False)):
+            roles.sync = settings
+            time.sleep(args.settle_s)
+            start = time.perf_counter()
+            roles.push_weights(roles.weight_version + 1, probe=probe)
+            series[name].append(time.perf_counter() - start)
+        time.sleep(args.settle_s)
         start = time.perf_counter()
         ray.get([e.call.remote(receive_raw, nbytes) for e in engines] + [learner.call.remote(send_raw, nbytes)])
-        bcast_times.append(time.perf_counter() - start)
+        series["broadcast"].append(time.perf_counter() - start)
     reload_s = statistics.median(ray.get(engines[0].call.remote(reload_timed, model_path)) for _ in range(args.repeats))
-
-    sync_s, floor_s = statistics.median(sync_times), statistics.median(bcast_times) + reload_s
-    print(f"sync runs {[round(t, 3) for t in sync_times]} s; plain broadcast {[round(t, 3) for t in bcast_times]} s; "
-          f"bare reload {reload_s:.3f} s; best-of ratio {min(sync_times) / (min(bcast_times) + reload_s):.2f}")
     roles.shutdown()
+
+    median = {name: statistics.median(times) for name, times in series.items()}
+    every = cfg.weight_sync.verify  # the default cadence: checksums on every sync, the probe on every N-th
+    sync_s = (median["checked"] * (every - 1) + median["probed"]) / every if every else median["unverified"]
+    floor_s = median["broadcast"] + reload_s
+    print("; ".join(f"{name} {[round(t, 3) for t in times]} s" for name, times in series.items()),
+          f"; bare reload {reload_s:.3f} s")
     print(f"weight_sync: model_mb={nbytes / 2**20:.1f} engines={args.engines} sync_s={sync_s:.3f} "
-          f"floor_s={floor_s:.3f} ratio={sync_s / floor_s:.2f}")
+          f"floor_s={floor_s:.3f} ratio={sync_s / floor_s:.2f} verify={every} unverified_s={median['unverified']:.3f} "
+          f"checksum_cost={median['checked'] / median['unverified'] - 1:.3f} "
+          f"probe_cost={median['probed'] / median['checked'] - 1:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
+from transformers import AutoTokenizer
 
 from actors.checkpoint import judge_cache_file
 from actors.engine import SamplingParams
 from actors.rollout_worker import RolloutWorker, Sample
 from cluster.netutil import free_port
 from cluster.placement import Placement, PlacementPlan, balance_requests, plan_placement, reserve
+from cluster.sync_faults import SyncFault
+from cluster.sync_verify import probe_token_ids, probe_tolerance, verify_sync
 from cluster.transport import WeightSyncError
 from conf.errors import EnvironmentSetupError, RoleLostError
-from conf.schema import Config, JudgeServiceConfig
-from learner.worker import LearnerSettings, LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
+from conf.schema import Config, JudgeServiceConfig, SyncFaultConfig
+from learner.settings import DTYPES, LearnerSettings
+from learner.worker import LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
 from reward.cache import JudgeCache
 from reward.components import RewardParams
 from reward.judge_client import JudgeSettings, RetryPolicy, Secret
@@ -54,6 +58,17 @@ _RewardActor = ray.remote(RewardWorker)
 _LimiterActor = ray.remote(LimiterService)
 
 
+@dataclass(frozen=True)
+class SyncSettings:
+    """The weight group and its checks, resolved from weight_sync.* (docs/design.md#weight-sync)."""
+    backend: str  # gloo | nccl
+    bucket_mb: int
+    timeout_s: float
+    verify: int  # checksums on every sync, the probe on the first and every N-th; 0: neither
+    tolerance: float  # of the probe, for the model's dtype
+    fault: SyncFaultConfig | None = None  # a test's injected fault
+
+
 @dataclass
 class Roles:
     learners: list
@@ -63,6 +78,10 @@ class Roles:
     reward_pool: RewardPool
     weight_version: int = 0
     placement: Placement | None = None
+    sync: SyncSettings | None = None
+    probe: tuple[tuple[int, ...], float] | None = None  # (token ids, temperature): cluster/sync_verify.py
+    syncs: int = 0  # sends in this process, recoveries included
+    last_sync: dict = field(default_factory=dict)  # sync/* metrics of the last send
 
     # --- rollout ---
     def generate(self, requests: list[tuple[str, int, tuple[int, ...], int]], sampling: SamplingParams) -> list[Sample]:
@@ -102,13 +121,40 @@ class Roles:
         """After an update: the learner's weights to every engine as the next version."""
         return self.push_weights(self.weight_version + 1)
 
-    def push_weights(self, version: int, *, restoring: bool = False) -> int:
-        """Learner rank 0 -> every engine. Engines start receiving first (no deadlock either way:
-        the group exists already; both sides block until everyone has joined this broadcast).
-        restoring: after a resume, engines at the base model take the checkpoint's version."""
-        receiving = [w.receive_weights.remote(version, restoring=restoring) for w in self.rollouts]
-        sending = [l.broadcast_weights.remote(version) for l in self.learners]
-        ray.get(receiving + sending)
+    def push_weights(self, version: int, *, restoring: bool = False, probe: bool | None = None) -> int:
+        """Learner rank 0 -> every engine, then the check (cluster/sync_verify.py). Engines start
+        receiving first (no deadlock either way: the group exists already; both sides block until
+        everyone has joined this broadcast, at most weight_sync.timeout_s per transfer).
+        restoring: after a resume or a failure, engines take this version whatever they hold.
+        probe: score the probe (default: by weight_sync.verify's cadence).
+        A learner rank that died raises RayActorError; anything else that failed raises
+        WeightSyncError naming the engine and the part (the caller recovers the engines)."""
+        s = self.sync
+        assert s is not None, "these roles have no weight group (mode=eval)"
+        self.syncs += 1
+        if probe is None:
+            probe = s.verify > 0 and (self.syncs - 1) % s.verify == 0
+        probe_args = self.probe if probe and s.verify else None
+        fault = s.fault if s.fault is not None and s.fault.version == version and not restoring else None
+        engine_fault = SyncFault(fault.kind, fault.after_bucket) if fault and fault.kind != "learner_dies" else None
+        learner_fault = SyncFault(fault.kind, fault.after_bucket) if fault and fault.kind == "learner_dies" else None
+        receiving = [w.receive_weights.remote(version, restoring=restoring, probe=probe_args,
+                                              fault=engine_fault if fault and i == fault.engine else None)
+                     for i, w in enumerate(self.rollouts)]
+        sending = [l.broadcast_weights.remote(version, probe_args, learner_fault) for l in self.learners]
+        received, sent = _settle(receiving), _settle(sending)
+        for outcome in sent:
+            if isinstance(outcome, ray.exceptions.RayActorError):
+                raise outcome
+        failed = [(f"engine {i}", e) for i, e in enumerate(received) if isinstance(e, Exception)]
+        failed += [("learner rank 0", e) for e in sent if isinstance(e, Exception)]
+        if failed:
+            who, error = failed[0]
+            raise WeightSyncError(f"weight sync v{version}: {who} failed: {str(error).splitlines()[-1][:300]}"
+                                  ) from error
+        self.last_sync = {"sync/verified": float(probe_args is not None)}
+        if s.verify:
+            self.last_sync.update(verify_sync(version, sent[0], received, s.tolerance))
         self.weight_version = version
         return version
 
@@ -130,18 +176,14 @@ class Roles:
         version = self.weight_version if version is None else version
         deadline = time.monotonic() + timeout_s
         for i, engine in enumerate(self.rollouts):
-            while True:
-                try:
-                    ray.get(engine.__ray_ready__.remote(), timeout=60)
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                    if time.monotonic() > deadline:
-                        raise RoleLostError(f"rollout engine {i} did not come back within {timeout_s:.0f}s after a crash "
-                                            f"({type(e).__name__}; rollout.max_engine_restarts="
-                                            f"{cfg.rollout.max_engine_restarts})") from None
-                    time.sleep(1.0)
+            _wait_until_ready(i, engine, deadline, cfg)
+        broken = [i for i, e in enumerate(self.rollouts) if ray.get(e.needs_restart.remote())]
+        for i in broken:  # a reload that failed half way: only a fresh engine process is whole again
+            ray.kill(self.rollouts[i], no_restart=False)
+        for i in broken:
+            _wait_until_ready(i, self.rollouts[i], deadline, cfg)
         _form_weight_group(cfg, self)
-        self.push_weights(version, restoring=True)
+        self.push_weights(version, restoring=True, probe=True)
         held = ray.get([engine.get_weight_version.remote() for engine in self.rollouts])
         if any(v != version for v in held):
             raise WeightSyncError(f"after re-sending weights v{version} the engines hold {held}")
@@ -171,6 +213,31 @@ class Roles:
             self.placement.remove()
 
 
+def _wait_until_ready(index: int, engine, deadline: float, cfg: Config) -> None:
+    """Until the engine actor answers (Ray restarting it after a crash), or RoleLostError at deadline."""
+    while True:
+        try:
+            ray.get(engine.__ray_ready__.remote(), timeout=60)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            if time.monotonic() > deadline:
+                raise RoleLostError(f"rollout engine {index} did not come back after a crash ({type(e).__name__}; "
+                                    f"rollout.max_engine_restarts={cfg.rollout.max_engine_restarts})") from None
+            time.sleep(1.0)
+
+
+def _settle(refs: list) -> list:
+    """Every call's result or exception, once all have finished (none left running behind a failure)."""
+    ray.wait(refs, num_returns=len(refs))
+    outcomes = []
+    for ref in refs:
+        try:
+            outcomes.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - sorted by the caller
+            outcomes.append(e)
+    return outcomes
+
+
 def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_token_id: int,
                 judge_base_url: str, run_name: str, output_dir: str) -> Roles:
     """Actors are named "{run_name}/{role}-{i}" in the "polaris" namespace. run_name is unique to
@@ -194,7 +261,9 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     rollouts = start_rollouts(cfg, model_path, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
                               run_name=run_name, placement=placement)
     limiter, reward_workers, pool = start_reward_pool(cfg, judge_base_url, run_name, output_dir)
-    roles = Roles(learners, rollouts, reward_workers, limiter, pool, placement=placement)
+    roles = Roles(learners, rollouts, reward_workers, limiter, pool, placement=placement,
+                  sync=weight_sync_settings(cfg), probe=(probe_token_ids(AutoTokenizer.from_pretrained(model_path)),
+                                                         cfg.rollout.sampling.temperature))
     _form_weight_group(cfg, roles)
     return roles
 
@@ -231,10 +300,25 @@ def start_rollouts(cfg: Config, model_path: str, *, stop_token_ids: list[int], p
         .remote(cfg.rollout.engine, model_path, dtype=cfg.model.dtype, device=cfg.trainer.device,
                 stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=_threads(cfg),
                 tensor_parallel_size=cfg.rollout.tensor_parallel_size, seed=cfg.trainer.seed,
+                cpu_cores=engine_cpu_cores(i, cfg.rollout.num_engines)
+                if cfg.trainer.device == "cpu" and cfg.rollout.tensor_parallel_size == 1 else None,
                 max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.sampling.max_new_tokens,
                                                                cfg.rollout.val_sampling.max_new_tokens))
         for i in range(cfg.rollout.num_engines)
     ]
+
+
+def engine_cpu_cores(index: int, num_engines: int, cores: int | None = None) -> str | None:
+    """The cores vLLM engine `index` of `num_engines` binds its workers to on a CPU node: a share of
+    its own (vLLM's "auto" would put every engine on the same first cores: two engines on two cores
+    reloaded weights one after the other, measured). None for a single engine: vLLM's choice."""
+    cores = cores or os.cpu_count() or 1
+    if num_engines <= 1:
+        return None
+    if num_engines >= cores:
+        return str(index % cores)
+    first, last = index * cores // num_engines, (index + 1) * cores // num_engines - 1
+    return str(first) if first == last else f"{first}-{last}"
 
 
 def start_eval_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_token_id: int,
@@ -294,23 +378,25 @@ def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_di
     return limiter, workers, pool
 
 
-def weight_sync_settings(cfg: Config) -> tuple[str, int]:
-    """(backend, bucket_mb) of the learner-to-engines weight group; auto: nccl on cuda, gloo on cpu."""
-    backend = cfg.weight_sync.backend
-    if backend == "auto":
-        backend = "nccl" if cfg.trainer.device == "cuda" else "gloo"
-    return backend, cfg.weight_sync.bucket_mb
+def weight_sync_settings(cfg: Config) -> SyncSettings:
+    """The learner-to-engines weight group; backend auto: nccl on cuda, gloo on cpu."""
+    w = cfg.weight_sync
+    backend = w.backend if w.backend != "auto" else "nccl" if cfg.trainer.device == "cuda" else "gloo"
+    return SyncSettings(backend, w.bucket_mb, w.timeout_s, w.verify,
+                        probe_tolerance(DTYPES[cfg.model.dtype], w.probe_tolerance), w.fault if w.fault.kind else None)
 
 
 def _form_weight_group(cfg: Config, roles: Roles) -> None:
-    backend, bucket_mb = weight_sync_settings(cfg)
+    s = weight_sync_settings(cfg)
     host, port = ray.get(_rendezvous_address.options(**roles.placement.learner(0)).remote())
     shards = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
     world = 1 + len(roles.rollouts) * shards
-    # engine side first: their joins wait on the store that learner rank 0 then hosts
-    joins = [w.init_weight_sync.remote(backend, host, port, 1 + i * shards, world, bucket_mb)
+    ray.get([a.__ray_ready__.remote() for a in [roles.learners[0], *roles.rollouts]])  # started: the join's
+    # deadline (weight_sync.timeout_s) is then for joining alone; engine side first: their joins
+    # wait on the store that learner rank 0 then hosts
+    joins = [w.init_weight_sync.remote(s.backend, host, port, 1 + i * shards, world, s.bucket_mb, s.timeout_s)
              for i, w in enumerate(roles.rollouts)]
-    joins.append(roles.learners[0].init_weight_sync.remote(backend, host, port, world, bucket_mb))
+    joins.append(roles.learners[0].init_weight_sync.remote(s.backend, host, port, world, s.bucket_mb, s.timeout_s))
     ray.get(joins)
 
 

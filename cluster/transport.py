@@ -1,7 +1,8 @@
 """Weight broadcast from learner rank 0 to the rollout engines, behind one interface.
 
 Two transports share one wire protocol (BucketTransport) and differ only in how one buffer is
-broadcast: GlooTransport (CPU, torch gloo) and NcclTransport (GPU, vLLM's PyNcclCommunicator).
+broadcast: GlooTransport (CPU, torch gloo, here) and NcclTransport (GPU, vLLM's
+PyNcclCommunicator, cluster/nccl_transport.py).
 
 Wire protocol of one send (every message is a broadcast from rank 0):
   1. header: int64 [status, version, payload_len];
@@ -10,6 +11,11 @@ Wire protocol of one send (every message is a broadcast from rank 0):
 Metadata (names, shapes, dtypes, bucket layout) travels once, with the first send. Receivers
 always take part in every broadcast the header announces, even when they are going to raise
 (wrong version), so the group is never left half way through a send.
+
+Deadlines: every broadcast, sent or received, waits at most `timeout_s`; past it the transport
+raises WeightSyncError and is unusable (the group must be re-formed). Both sides checksum every
+bucket (cluster/sync_verify.py): the sender what it packed, a receiver what arrived, before the
+engine loads any of it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import abc
 import datetime
 import json
-import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -25,13 +30,11 @@ import torch
 import torch.distributed as dist
 
 from cluster.netutil import bound_tcp_store
-from conf.errors import PolarisError
+from cluster.sync_verify import checksum
+from conf.errors import WeightSyncError
 
 _OK, _ABORT = 0, 1
-
-
-class WeightSyncError(PolarisError):
-    """The weight broadcast group disagrees (version, tensor set) or a transfer failed."""
+BucketHook = Callable[[int, torch.Tensor], None]  # (bucket index, its flat buffer): cluster/sync_faults.py
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,17 @@ def _mismatch(buckets: list[_Bucket], named: list[tuple[str, torch.Tensor]]) -> 
 class WeightTransport(abc.ABC):
     """Rank 0 sends named tensors; every other rank receives them, bucket by bucket."""
 
-    @abc.abstractmethod
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+    received_checksums: tuple[int, ...] = ()  # of the last receive, one per bucket
 
     @abc.abstractmethod
-    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yields tensors as their bucket arrives; consume it to the end (closing it early drains)."""
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+             on_bucket: BucketHook | None = None) -> tuple[int, ...]:
+        """Returns the checksum of each bucket sent."""
+
+    @abc.abstractmethod
+    def receive(self, version: int, on_bucket: BucketHook | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields tensors as their bucket arrives; consume it to the end (closing it early drains).
+        Afterwards received_checksums holds each bucket's checksum, taken before it was yielded."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -111,32 +119,32 @@ class BucketTransport(WeightTransport):
     """The wire protocol above, over one primitive: broadcast a byte buffer from rank 0.
 
     Subclasses form their group in the constructor, set `device` (where buffers live) and
-    implement `_broadcast_bytes` and `close`. Tensors travel as bytes (exact for every dtype);
+    implement `_start_broadcast` and `close`. Tensors travel as bytes (exact for every dtype);
     `dtype` casts floating tensors on arrival (the engine dtype).
     """
 
     device = torch.device("cpu")
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, *, bucket_mb: float,
-                 dtype: torch.dtype | None) -> None:
+                 dtype: torch.dtype | None, timeout_s: float) -> None:
         if not 0 <= rank < world_size or world_size < 2:
             raise WeightSyncError(f"weight group needs 0 <= rank < world_size and world_size >= 2, "
                                   f"got rank={rank} world_size={world_size}")
         self.rank, self.world_size, self.bucket_mb, self.dtype = rank, world_size, bucket_mb, dtype
+        self.timeout_s = timeout_s
         self._where = f"weight group {host}:{port} rank {rank}/{world_size}"
         self._buckets: list[_Bucket] | None = None
         self._send_buffers: list[torch.Tensor] | None = None
 
     @abc.abstractmethod
-    def _broadcast_bytes(self, buf: torch.Tensor) -> None:
-        """Broadcast `buf` (contiguous uint8 on `device`) from rank 0 into every rank's `buf`.
-        Raises RuntimeError when the transfer fails, WeightSyncError when the transport is closed."""
-
     def _start_broadcast(self, buf: torch.Tensor) -> Callable[[], None]:
-        """Begin broadcasting `buf`; returns the wait. Default: done at once (stream-ordered
-        transports such as NCCL need no more); gloo overrides it to overlap transfers."""
-        self._broadcast_bytes(buf)
-        return lambda: None
+        """Begin broadcasting `buf` (contiguous uint8 on `device`) from rank 0 into every rank's
+        `buf`; returns the wait. The wait raises RuntimeError when the transfer failed or ran past
+        timeout_s (the transport is unusable after); a closed transport raises WeightSyncError."""
+
+    def _broadcast_bytes(self, buf: torch.Tensor) -> None:
+        """Broadcast `buf` and wait for it (benchmarks: the floor of a send)."""
+        self._start_broadcast(buf)()
 
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
         return self._begin(t)()
@@ -158,7 +166,8 @@ class BucketTransport(WeightTransport):
         return finish
 
     def _failed(self, e: Exception) -> WeightSyncError:
-        return WeightSyncError(f"{self._where}: broadcast failed or timed out; re-form the group: {e}")
+        return WeightSyncError(f"{self._where}: broadcast failed or ran past weight_sync.timeout_s="
+                               f"{self.timeout_s:g}s (a rank died or stopped taking part); re-form the group: {e}")
 
     def _header(self, status: int = 0, version: int = 0, payload: bytes = b"") -> tuple[int, int, bytes]:
         head = self._bcast(torch.tensor([status, version, len(payload)], dtype=torch.int64, device=self.device))
@@ -169,7 +178,8 @@ class BucketTransport(WeightTransport):
                else torch.empty(n, dtype=torch.uint8, device=self.device))
         return status, version, bytes(self._bcast(buf).cpu().numpy())
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+             on_bucket: BucketHook | None = None) -> tuple[int, ...]:
         if self.rank != 0:
             raise WeightSyncError(f"{self._where}: only rank 0 sends")
         named = [(n, t.detach()) for n, t in named_tensors]
@@ -186,20 +196,30 @@ class BucketTransport(WeightTransport):
         size = max(b.numel * b.dtype.itemsize for b in buckets)
         if self._send_buffers is None or self._send_buffers[0].numel() < size:
             self._send_buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        sums: list[torch.Tensor] = []
         in_flight: Callable[[], torch.Tensor] | None = None
         for i, b in enumerate(buckets):
             flat = self._send_buffers[i % 2][:b.numel * b.dtype.itemsize].view(b.dtype)
             torch.cat([tensors[e.name].reshape(-1).to(self.device) for e in b.entries], out=flat)
+            sums.append(checksum(flat))
             started = self._begin(flat)
             if in_flight is not None:
-                in_flight()
+                self._sent(i - 1, in_flight, on_bucket)
             in_flight = started
         if in_flight is not None:
-            in_flight()
+            self._sent(len(buckets) - 1, in_flight, on_bucket)
+        return tuple(torch.stack(sums).tolist()) if sums else ()
 
-    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+    @staticmethod
+    def _sent(index: int, wait: Callable[[], torch.Tensor], on_bucket: BucketHook | None) -> None:
+        flat = wait()
+        if on_bucket is not None:
+            on_bucket(index, flat)
+
+    def receive(self, version: int, on_bucket: BucketHook | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         if self.rank == 0:
             raise WeightSyncError(f"{self._where}: rank 0 sends, it does not receive")
+        self.received_checksums = ()
         status, sent_version, payload = self._header()
         if status == _ABORT:
             raise WeightSyncError(f"{self._where}: sender aborted version {sent_version}: {payload.decode()}")
@@ -216,9 +236,9 @@ class BucketTransport(WeightTransport):
             return
         # one bucket ahead: the next bucket arrives while the consumer loads the current one
         in_flight: Callable[[], torch.Tensor] | None = self._begin(torch.empty(pending[0].numel, dtype=pending[0].dtype, device=self.device))
-        started = 1
+        started, sums = 1, []
         try:
-            for b in pending:
+            for i, b in enumerate(pending):
                 assert in_flight is not None  # started before the loop or in the previous round
                 flat = in_flight()
                 in_flight = None
@@ -226,6 +246,9 @@ class BucketTransport(WeightTransport):
                     nxt = pending[started]
                     in_flight = self._begin(torch.empty(nxt.numel, dtype=nxt.dtype, device=self.device))
                     started += 1
+                if on_bucket is not None:
+                    on_bucket(i, flat)
+                sums.append(checksum(flat))  # as it arrived, before anything is loaded from it
                 for e in b.entries:
                     t = flat[e.offset:e.offset + e.numel].view(e.shape)
                     yield e.name, (t.to(self.dtype) if self.dtype and t.is_floating_point() else t)
@@ -235,20 +258,22 @@ class BucketTransport(WeightTransport):
             for b in pending[started:]:
                 self._bcast(torch.empty(b.numel, dtype=b.dtype, device=self.device))
             raise
+        self.received_checksums = tuple(torch.stack(sums).tolist())
 
 
 class GlooTransport(BucketTransport):
     """CPU transport: a standalone gloo group on its own TCPStore, both bound to `host`.
 
     Never touches the default torch.distributed group (the learner's DeepSpeed one). The
-    constructor blocks until all `world_size` ranks joined (at most `timeout_s`, which also
-    bounds every broadcast); receivers may join before the sender.
+    constructor blocks until all `world_size` ranks joined (at most `timeout_s`); receivers may
+    join before the sender. The deadline of every broadcast is gloo's own, the group's timeout
+    option (`timeout_s`); a rank that died fails its peers' broadcasts at once (sockets close).
     """
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, *, bucket_mb: float = 256.0,
                  timeout_s: float = 300.0, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None) -> None:
-        super().__init__(host, port, rank, world_size, bucket_mb=bucket_mb, dtype=dtype)
+        super().__init__(host, port, rank, world_size, bucket_mb=bucket_mb, dtype=dtype, timeout_s=timeout_s)
         if device is not None and torch.device(device).type != "cpu":
             raise WeightSyncError(f"{self._where}: the gloo transport keeps buffers on the CPU, got "
                                   f"device={device!r}; use backend 'nccl' for GPU engines")
@@ -263,9 +288,6 @@ class GlooTransport(BucketTransport):
             raise WeightSyncError(f"{self._where}: could not form the group within {timeout_s}s "
                                   f"(are all {world_size} ranks started with this port?): {e}") from e
 
-    def _broadcast_bytes(self, buf: torch.Tensor) -> None:
-        self._start_broadcast(buf)()
-
     def _start_broadcast(self, buf: torch.Tensor) -> Callable[[], None]:
         if self._pg is None:
             raise WeightSyncError(f"{self._where}: transport is closed")
@@ -277,109 +299,15 @@ class GlooTransport(BucketTransport):
         self._pg, self._store = None, None  # the master's store closes its listening socket
 
 
-def shared_gpus(gpus: list[str | None]) -> list[list[int]]:
-    """Groups of ranks (each of 2 or more) whose GPU identity is equal; None means unknown."""
-    ranks: dict[str, list[int]] = {}
-    for rank, gpu in enumerate(gpus):
-        if gpu is not None:
-            ranks.setdefault(gpu, []).append(rank)
-    return [r for r in ranks.values() if len(r) > 1]
-
-
-def join_gpu_group(host: str, port: int, rank: int, world_size: int, *, timeout_s: float,
-                   gpu: str | None, where: str = "weight group"):
-    """vLLM StatelessProcessGroup on our bound store; every rank learns every rank's GPU.
-
-    StatelessProcessGroup.create builds its own TCPStore (it binds a listen socket to host, but
-    with no say over libuv or timeouts of ours); the group is a plain dataclass over any store,
-    so it is built from bound_tcp_store directly. The all-gather of GPU identities doubles as
-    the join barrier (bounded by `timeout_s`). Two ranks of one NCCL communicator on one GPU
-    would hang or fail inside NCCL: every rank raises the same WeightSyncError before that.
-    """
-    from vllm.distributed.utils import StatelessProcessGroup
-
-    try:
-        store = bound_tcp_store(host, port, is_master=rank == 0, timeout_s=timeout_s)
-        group = StatelessProcessGroup(rank=rank, world_size=world_size, store=store)
-        gpus = group.all_gather_obj(gpu)
-        group.barrier(timeout=timeout_s)  # rank 0 (the store) stays until every rank has read every identity
-    except (RuntimeError, OSError) as e:
-        raise WeightSyncError(f"{where}: could not form the group within {timeout_s}s "
-                              f"(are all {world_size} ranks started with this port?): {e}") from e
-    clash = shared_gpus(gpus)
-    if clash:
-        raise WeightSyncError(f"{where}: ranks {clash} share one GPU ({gpus[clash[0][0]]}); NCCL needs one GPU "
-                              f"per rank: place the learner and each engine worker on different GPUs")
-    return group
-
-
-class NcclTransport(BucketTransport):
-    """GPU transport: vLLM's PyNcclCommunicator over a StatelessProcessGroup on our bound store.
-
-    Assumes one GPU per rank: the learner's rank 0 and each engine worker (engines x TP ranks)
-    each own a distinct GPU; ranks that share one are refused at join (detected by GPU UUID).
-    `device` defaults to the current CUDA device (the one DeepSpeed / the vLLM worker set).
-    `timeout_s` bounds the join only: NCCL broadcasts have no timeout, a peer that never joins a
-    send blocks it. The default torch.distributed group is never touched. vLLM is imported here,
-    not at module import, so this module imports on machines without CUDA or vLLM.
-    """
-
-    def __init__(self, host: str, port: int, rank: int, world_size: int, *, bucket_mb: float = 256.0,
-                 timeout_s: float = 300.0, dtype: torch.dtype | None = None,
-                 device: str | torch.device | None = None) -> None:
-        super().__init__(host, port, rank, world_size, bucket_mb=bucket_mb, dtype=dtype)
-        self._comm, self._store = None, None
-        if not torch.cuda.is_available():
-            raise WeightSyncError(f"{self._where}: the NCCL transport needs a CUDA GPU and none is visible; "
-                                  f"use backend 'gloo' on CPU")
-        self.device = torch.device("cuda" if device is None else device)
-        if self.device.type != "cuda":
-            raise WeightSyncError(f"{self._where}: the NCCL transport needs a CUDA device, got {device!r}")
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        try:
-            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-            from vllm.utils.nccl import unpinned_nccl_env
-        except ImportError as e:
-            raise WeightSyncError(f"{self._where}: the NCCL transport needs vLLM (GPU build): {e}") from e
-        uuid = getattr(torch.cuda.get_device_properties(self.device), "uuid", None)
-        gpu = f"{socket.gethostname()}/{uuid}" if uuid is not None else None
-        group = join_gpu_group(host, port, rank, world_size, timeout_s=timeout_s, gpu=gpu, where=self._where)
-        self._store = group.store
-        try:
-            with unpinned_nccl_env():  # as vLLM's own weight transfer: a shared communicator without vLLM's NCCL pins
-                self._comm = PyNcclCommunicator(group, device=self.device)
-        except RuntimeError as e:
-            raise WeightSyncError(f"{self._where}: NCCL communicator init failed: {e}") from e
-        if self._comm.disabled:  # vLLM disables it silently when libnccl is missing or VLLM_DISABLE_PYNCCL
-            raise WeightSyncError(f"{self._where}: vLLM could not load NCCL (VLLM_NCCL_SO_PATH, VLLM_DISABLE_PYNCCL)")
-
-    def _broadcast_bytes(self, buf: torch.Tensor) -> None:
-        if self._comm is None:
-            raise WeightSyncError(f"{self._where}: transport is closed")
-        # explicit stream: the buffers are written and read on torch's current stream
-        self._comm.broadcast(buf, src=0, stream=torch.cuda.current_stream(self.device))
-
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        super().send(named_tensors, version)
-        torch.cuda.current_stream(self.device).synchronize()  # returned = this rank's part is done
-
-    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from super().receive(version)
-        torch.cuda.current_stream(self.device).synchronize()
-
-    def close(self) -> None:
-        if self._comm is not None:
-            self._comm.destroy()
-        self._comm, self._store = None, None
-
-
 def make_transport(backend: str, host: str, port: int, rank: int, world_size: int, *,
                    bucket_mb: float = 256.0, timeout_s: float = 300.0, dtype: torch.dtype | None = None,
                    device: str | torch.device | None = None) -> WeightTransport:
     """The transport for `backend`: "gloo" (CPU engines) or "nccl" (GPU engines)."""
-    transports = {"gloo": GlooTransport, "nccl": NcclTransport}
-    if backend not in transports:
+    if backend not in ("gloo", "nccl"):
         raise WeightSyncError(f"unknown weight transport backend {backend!r}; valid: 'gloo', 'nccl'")
-    return transports[backend](host, port, rank, world_size, bucket_mb=bucket_mb, timeout_s=timeout_s,
-                               dtype=dtype, device=device)
+    kwargs = dict(bucket_mb=bucket_mb, timeout_s=timeout_s, dtype=dtype, device=device)
+    if backend == "nccl":
+        from cluster.nccl_transport import NcclTransport  # here: this module imports without CUDA or vLLM
+
+        return NcclTransport(host, port, rank, world_size, **kwargs)
+    return GlooTransport(host, port, rank, world_size, **kwargs)

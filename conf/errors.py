@@ -27,3 +27,8 @@ class CheckpointError(PolarisError):
 
 class RoleLostError(PolarisError):
     """A role's actor died and could not be replaced (a learner rank, an engine past its restarts)."""
+
+
+class WeightSyncError(PolarisError):
+    """The weight broadcast group disagrees (version, tensor set), a transfer failed or ran past
+    its deadline, or a sync failed verification."""

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from conf.errors import ConfigError
-from conf.schema import Config
+from conf.schema import SYNC_FAULT_KINDS, Config
 
 CONF_DIR = Path(__file__).resolve().parent
 DEFAULT_CONF = "tiny"
@@ -216,7 +216,16 @@ def validate(c: Config) -> None:
         _check(bool(e.checkpoint), "eval.checkpoint", "mode=eval needs the Hugging Face folder to evaluate "
                "(eval.checkpoint=PATH; export a training checkpoint with `python -m learner.export`)")
     _one_of(c.weight_sync.backend, "weight_sync.backend", ("auto", "gloo", "nccl"))
-    _check(c.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
+    w = c.weight_sync
+    _check(w.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
+    _check(w.timeout_s > 0, "weight_sync.timeout_s", "must be > 0")
+    _check(w.verify >= 0, "weight_sync.verify", "must be >= 0 (0 = never, 1 = every sync, N = first and every N-th)")
+    _check(w.probe_tolerance >= 0, "weight_sync.probe_tolerance", "must be >= 0 (0 = by model.dtype)")
+    _one_of(w.fault.kind, "weight_sync.fault.kind", SYNC_FAULT_KINDS)
+    _check(0 <= w.fault.engine < c.rollout.num_engines, "weight_sync.fault.engine",
+           f"must be an engine index, 0..{c.rollout.num_engines - 1}")
+    _check(w.fault.version >= 1, "weight_sync.fault.version", "must be >= 1 (the first update is version 1)")
+    _check(w.fault.after_bucket >= 0, "weight_sync.fault.after_bucket", "must be >= 0")
     _check(
         not (c.trainer.device == "cpu" and c.weight_sync.backend == "nccl"),
         "weight_sync.backend",

@@ -235,10 +235,27 @@ class EvalConfig:
     judge: JudgeServiceConfig = field(default_factory=_evaluation_judge)
 
 
+SYNC_FAULT_KINDS = ("", "engine_dies", "engine_refuses", "corrupt_bucket", "corrupt_loaded", "learner_dies")
+
+
+@dataclass
+class SyncFaultConfig:
+    """A fault injected into one weight sync, by hook (a test option: cluster/sync_faults.py)."""
+    kind: str = ""  # none | engine_dies | engine_refuses | corrupt_bucket | corrupt_loaded | learner_dies
+    engine: int = 0  # the engine an engine fault strikes
+    version: int = 1  # strikes in the regular sync of this weight version, never in a recovery's re-send
+    after_bucket: int = 0  # once this bucket (0-based) has arrived at the engine / left the learner
+
+
 @dataclass
 class WeightSyncConfig:
+    """The learner-to-engines weight group (docs/design.md#weight-sync)."""
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
     bucket_mb: int = 256
+    timeout_s: float = 300.0  # deadline of every transfer (and of forming the group): past it, recovery
+    verify: int = 10  # checksums on every sync, the probe on the first and every N-th (1: every sync, 0: neither)
+    probe_tolerance: float = 0.0  # mean |engine - learner| probe log-probability allowed; 0: model.dtype's
+    fault: SyncFaultConfig = field(default_factory=SyncFaultConfig)
 
 
 @dataclass

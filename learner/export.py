@@ -20,7 +20,7 @@ import torch
 
 from actors.checkpoint import CHECKPOINTS, is_complete, latest_checkpoint
 from conf.errors import CheckpointError, PolarisError
-from learner.worker import DTYPES
+from learner.settings import DTYPES
 
 PREFIX = "causal_lm."  # the learner's DeepSpeed module is PolicyLogprobs(model): learner/logprobs.py
 

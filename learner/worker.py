@@ -10,13 +10,11 @@ from typing import Iterator
 
 import torch
 
+from conf.errors import WeightSyncError
 from learner.grpo import policy_loss, truncated_importance_weights
 from learner.logprobs import PolicyLogprobs, token_logprobs  # noqa: F401  (token_logprobs: re-exported)
-from learner.lr_schedule import learning_rate
 from learner.microbatch import pack_micro_batches
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from learner.settings import DTYPES, LearnerSettings, deepspeed_config
 
 def flush_denormals() -> None:
     """Flush float32 denormals to zero, process-wide: AdamW moments of rarely seen tokens decay
@@ -56,68 +54,6 @@ class TrainBatch:
     def num_tokens(self) -> int:
         """Response tokens in the whole optimizer step: the token-mean's denominator."""
         return sum(len(r.response_ids) for r in self.rows)
-
-
-@dataclass(frozen=True)
-class LearnerSettings:
-    model_path: str
-    dtype: str
-    device: str
-    zero_stage: int
-    lr: float
-    weight_decay: float
-    betas: tuple[float, float]
-    grad_clip: float
-    micro_batch_size: int
-    gradient_checkpointing: bool
-    clip_low: float
-    clip_high: float
-    temperature: float  # logprobs are of logits / temperature, as the engines report them
-    pad_token_id: int
-    seed: int
-    checkpoint_names: bool = False  # send vLLM's checkpoint-format names (cluster/names.py)
-    max_tokens_per_micro_batch: int = 0  # padded tokens per micro-batch; 0 = micro_batch_size rows
-    logprob_chunk_tokens: int = 0  # positions per logits chunk (learner/logprobs.py); 0 = unchunked
-    offload_optimizer: bool = False  # ZeRO optimizer state (fp32 master weights, Adam moments) in CPU memory
-    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
-    tis_cap: float = 2.0  # truncated importance weight cap for rows with policy_lag > 0
-    total_steps: int = 1  # the learning-rate schedule (learner/lr_schedule.py) runs over the run's steps
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    min_lr_ratio: float = 0.0
-
-    def lr_at(self, step: int) -> float:
-        return learning_rate(step, lr=self.lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                             schedule=self.lr_schedule, min_ratio=self.min_lr_ratio)
-
-
-def deepspeed_config(s: LearnerSettings) -> dict:
-    """The DeepSpeed config for these settings."""
-    if s.offload_optimizer and s.zero_stage < 1:
-        raise ValueError("learner.offload_optimizer=true needs learner.zero_stage >= 1 (ZeRO owns the "
-                         f"optimizer state it offloads), got learner.zero_stage={s.zero_stage}")
-    if s.offload_params and s.zero_stage != 3:
-        raise ValueError("learner.offload_params=true needs learner.zero_stage=3 (only ZeRO-3 partitions "
-                         f"parameters), got learner.zero_stage={s.zero_stage}")
-    zero: dict = {"stage": s.zero_stage}
-    if s.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if s.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,  # step() is the boundary: micro-batch count varies
-        "gradient_clipping": s.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": s.dtype == "bfloat16"},
-        "fp16": {"enabled": s.dtype == "float16"},
-        "zero_allow_untested_optimizer": True,
-        # Offload with our torch AdamW: DeepSpeed refuses a client optimizer there unless told so
-        # (its own CPU Adam compiles C++ on first use, ~80 s).
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-    }
 
 
 def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -354,21 +290,43 @@ class LearnerWorker:
                 yield "lm_head.weight", embed.detach().clone()
 
     # --- weight broadcast (rank 0 only) ---
-    def init_weight_sync(self, backend: str, host: str, port: int, world_size: int, bucket_mb: int) -> None:
+    def init_weight_sync(self, backend: str, host: str, port: int, world_size: int, bucket_mb: float,
+                         timeout_s: float) -> None:
         from cluster.transport import make_transport
 
         if self.transport is not None:  # re-forming (an engine was replaced): a torch group cannot swap a member
             self.transport.close()
-        self.transport = make_transport(backend, host, port, 0, world_size, bucket_mb=bucket_mb)
+        self.transport = make_transport(backend, host, port, 0, world_size, bucket_mb=bucket_mb, timeout_s=timeout_s)
 
-    def broadcast_weights(self, version: int) -> None:
-        """Called on every rank (ZeRO-3 gathers are collective); rank 0 sends."""
-        weights = self.named_weights()
+    def broadcast_weights(self, version: int, probe: tuple | None = None, fault=None):
+        """Called on every rank (ZeRO-3 gathers are collective); rank 0 sends, and returns the
+        SyncReport the engines' are checked against: its bucket checksums and, given probe
+        (token ids, temperature), the learner's log-probabilities of the probe. Every rank takes
+        part in every gather and in the probe's forward even when rank 0's send failed (it raises
+        after), so no rank is left waiting in a collective. fault: cluster/sync_faults.py."""
+        from cluster.sync_faults import bucket_hook
+        from cluster.sync_verify import SyncReport
+
+        weights, checksums, failed = self.named_weights(), (), None
         if self.rank == 0:
-            self.transport.send(weights, version)
-        else:
-            for _ in weights:
-                pass
+            try:
+                checksums = self.transport.send(weights, version, on_bucket=bucket_hook(fault))
+            except WeightSyncError as e:
+                failed = e
+        for _ in weights:  # rank 0: the rest of a send that failed
+            pass
+        scored = self.probe_logprobs(*probe) if probe else ()
+        if failed is not None:
+            raise failed
+        return SyncReport((checksums,), scored) if self.rank == 0 else None
+
+    @torch.no_grad()
+    def probe_logprobs(self, token_ids, temperature: float) -> tuple[float, ...]:
+        self.engine.eval()
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        if temperature != self.s.temperature:
+            raise WeightSyncError(f"probe at temperature {temperature}, the learner scores at {self.s.temperature}")
+        return tuple(self.engine(ids, torch.ones_like(ids))[0].tolist())
 
     # --- checkpoints and export (every rank) ---
     def save_checkpoint(self, path: str, *, tokenizer_path: str, generation: dict) -> None:

@@ -38,7 +38,7 @@ transport = make_transport("gloo", "127.0.0.1", port, 0, world, bucket_mb=bucket
 for version, seed in plan:
     model = perturbed_model(path, seed)
     named = list(model.named_parameters()) + [("lm_head.weight", model.get_input_embeddings().weight)]
-    transport.send(named, version)
+    print("SUMS", json.dumps(transport.send(named, version)), flush=True)
 transport.close()
 """
 
@@ -104,25 +104,29 @@ def max_logprob_gap(model, reqs, gens, temperature):
 def start_sender(path, plan, bucket_mb, world_size):
     port = free_port()
     args = [sys.executable, "-c", SENDER, path, str(port), str(world_size), str(bucket_mb), json.dumps(plan)]
-    return port, subprocess.Popen(args, cwd=ROOT)
+    return port, subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
-def broadcast(engine, path, plan, bucket_mb, expect):
+def broadcast(engine, path, plan, bucket_mb, expect, fault=None):
     """Form a new weight group with a sender process, then receive each version of `expect`;
-    returns the errors raised (None where the version was applied)."""
+    returns the errors raised (None where the version was applied, its bucket checksums equal to
+    the sender's)."""
     port, sender = start_sender(path, plan, bucket_mb, 2)
-    errors = []
+    errors, received = [], []
     try:
-        engine.init_weight_sync("gloo", "127.0.0.1", port, 1, 2, bucket_mb)  # blocks until the sender joins
+        engine.init_weight_sync("gloo", "127.0.0.1", port, 1, 2, bucket_mb, 60)  # blocks until the sender joins
         for version in expect:
             try:
-                engine.receive_weights(version)
+                received.append(list(engine.receive_weights(version, fault)[0]))
                 errors.append(None)
             except WeightSyncError as e:
                 errors.append(str(e))
-        assert sender.wait(timeout=120) == 0
+        out, _ = sender.communicate(timeout=120)
+        assert sender.returncode == 0
     finally:
         sender.kill()
+    sent = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("SUMS ")]
+    assert received == [sums for sums, error in zip(sent, errors) if error is None] and all(received)
     return errors
 
 
@@ -181,6 +185,29 @@ def test_broadcast_in_many_buckets_twice(engine, tokenizer, tiny_model_path, hel
     assert max_logprob_gap(perturbed_model(tiny_model_path, 103), reqs, gens, 1.0) < 1e-3
 
 
+def test_the_probe_scores_as_the_learner_and_shows_a_stacked_parameter_loaded_wrong(engine, tokenizer,
+                                                                                     tiny_model_path, held):
+    """cluster/sync_verify.py's load check on vLLM: gate and up projections swapped on their way
+    into the stacked gate_up_proj arrive intact (equal checksums) but score the probe far off."""
+    from cluster.sync_faults import SyncFault
+    from cluster.sync_verify import PROBE_TOLERANCE, SyncReport, probe_token_ids, verify_sync
+
+    ids = probe_token_ids(tokenizer)
+
+    def reports(seed):
+        learner = token_logprobs(perturbed_model(tiny_model_path, seed), torch.tensor([ids]),
+                                 torch.ones(1, len(ids), dtype=torch.long), 1.0)[0].tolist()
+        return SyncReport(((),), tuple(learner)), [SyncReport(((),), tuple(engine.score_probe(ids, 1.0)))]
+
+    assert verify_sync(1, *reports(held["seed"]), PROBE_TOLERANCE[torch.float32])["sync/probe_gap"] < 1e-4
+    assert broadcast(engine, tiny_model_path, [[1, 108]], 1, expect=[1], fault=SyncFault("corrupt_loaded")) == [None]
+    with pytest.raises(WeightSyncError, match=r"\(load\): engine 0 scores the probe .* a parameter was loaded wrong"):
+        verify_sync(1, *reports(108), PROBE_TOLERANCE[torch.float32])
+    assert broadcast(engine, tiny_model_path, [[1, 109]], 1, expect=[1]) == [None]  # a full update mends it
+    held["seed"] = 109
+    assert verify_sync(1, *reports(109), PROBE_TOLERANCE[torch.float32])["sync/probe_gap"] < 1e-4
+
+
 def test_a_wrong_version_is_refused_and_the_engine_keeps_its_weights(engine, tokenizer, tiny_model_path, held):
     reqs = requests(tokenizer, [51])
     [error] = broadcast(engine, tiny_model_path, [[3, 104]], 1, expect=[1])  # expects 1, the sender sends 3
@@ -204,8 +231,8 @@ def test_tensor_parallel_workers_are_one_rank_each(tokenizer, tiny_model_path, m
                           pad_token_id=tokenizer.pad_token_id, max_model_len=256, tensor_parallel_size=2)
     try:
         port, sender = start_sender(tiny_model_path, [[1, 107]], 0.5, 3)
-        engine.init_weight_sync("gloo", "127.0.0.1", port, 1, 3, 0.5)
-        engine.receive_weights(1)
+        engine.init_weight_sync("gloo", "127.0.0.1", port, 1, 3, 0.5, 60)
+        assert len(engine.receive_weights(1)) == 2  # checksums of each TP worker
         assert sender.wait(timeout=120) == 0
         reqs = requests(tokenizer, [71, 72])
         gens = engine.generate(reqs, ROLLOUT)
@@ -226,8 +253,9 @@ def test_two_engine_actors_receive_one_broadcast(ray_address, tokenizer, tiny_mo
                             pad_token_id=tokenizer.pad_token_id, num_threads=1) for _ in range(2)]
     try:
         port, sender = start_sender(tiny_model_path, [[1, 106]], 0.5, 3)
-        ray.get([w.init_weight_sync.remote("gloo", "127.0.0.1", port, 1 + i, 3, 0.5) for i, w in enumerate(workers)])
-        assert ray.get([w.receive_weights.remote(1) for w in workers]) == [1, 1]
+        ray.get([w.init_weight_sync.remote("gloo", "127.0.0.1", port, 1 + i, 3, 0.5, 60) for i, w in enumerate(workers)])
+        a, b = ray.get([w.receive_weights.remote(1) for w in workers])
+        assert a.checksums == b.checksums and ray.get([w.get_weight_version.remote() for w in workers]) == [1, 1]
         assert sender.wait(timeout=120) == 0
         reqs = requests(tokenizer, [61, 62])
         wire = [(r.request_id, 0, r.prompt_token_ids, r.seed) for r in reqs]

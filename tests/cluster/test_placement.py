@@ -24,3 +24,12 @@ def test_equal_requests_split_evenly_and_every_request_is_assigned_once():
     shares = balance_requests([100] * 7, 3)
     assert sorted(len(s) for s in shares) == [2, 2, 3]
     assert sorted(i for s in shares for i in s) == list(range(7))
+
+
+def test_vllm_engines_on_a_cpu_node_bind_to_cores_of_their_own():
+    from cluster.roles import engine_cpu_cores
+
+    assert engine_cpu_cores(0, 1, cores=2) is None  # one engine: vLLM's own choice
+    assert [engine_cpu_cores(i, 2, cores=2) for i in range(2)] == ["0", "1"]
+    assert [engine_cpu_cores(i, 2, cores=8) for i in range(2)] == ["0-3", "4-7"]
+    assert [engine_cpu_cores(i, 3, cores=2) for i in range(3)] == ["0", "1", "0"]

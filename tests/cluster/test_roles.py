@@ -1,5 +1,7 @@
 """The roles on a real Ray cluster: engine logprobs equal the learner's (fp32) before and after a
 weight broadcast, the broadcast really moves the engine, and a version jump is refused."""
+import dataclasses
+
 import pytest
 import ray
 from transformers import AutoTokenizer
@@ -61,5 +63,38 @@ def test_engine_and_learner_logprobs_agree_across_a_broadcast(ray_address, tiny_
         assert {x.weight_version for x in again} == {2}
         again_rows = [TrainRow(x.prompt_ids, x.response_ids, 0.0, False) for x in again]
         assert max_abs_diff(again, roles.learner_logprobs(again_rows)) < 1e-4
+    finally:
+        roles.shutdown()
+
+
+def test_a_bucket_corrupted_in_transit_and_a_parameter_loaded_wrong_are_both_caught(ray_address, tiny_model_path,
+                                                                                   tmp_path):
+    """weight_sync.fault strikes the sync of v1 (one bit of bucket 2 flipped on the engine's link)
+    and of v2 (layer 0's gate and up projections swapped on their way into the engine): each
+    sync raises naming the part, and the recovery's re-send is verified clean."""
+    cfg = load_config(["learner.lr=1e-3", "rollout.sampling.max_new_tokens=16", "weight_sync.bucket_mb=1",
+                       "weight_sync.fault.kind=corrupt_bucket", "weight_sync.fault.after_bucket=2"])
+    codec = ChatCodec(AutoTokenizer.from_pretrained(tiny_model_path), enable_thinking=True, max_new_tokens=16)
+    roles = start_roles(cfg, model_path=tiny_model_path, stop_token_ids=codec.stop_ids,
+                        pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9", run_name="verify",
+                        output_dir=str(tmp_path))
+    try:
+        prompts = load_prompts("data/tiny/val.jsonl", require_reference=False)[:2]
+        requests = [(p.uid, 0, codec.prompt_ids(p), k) for k, p in enumerate(prompts)]
+        s = cfg.rollout.sampling
+        sampling = SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, 16)
+        for version, part in ((1, r"\(transport\): engine 0 shard 0 received bucket 2 of \d+"),
+                              (2, r"\(load\): engine 0 scores the probe .* nats per token away")):
+            samples = roles.generate(requests, sampling)
+            rows = [TrainRow(x.prompt_ids, x.response_ids, 1.0 if i % 2 else -1.0, False) for i, x in enumerate(samples)]
+            roles.train(TrainBatch(tuple(rows), step=version - 1))
+            with pytest.raises(WeightSyncError, match=f"weight sync v{version} failed verification {part}"):
+                roles.sync_weights()
+            assert roles.weight_version == version - 1
+            assert roles.recover_engines(cfg, version=version) == version  # re-sent, verified: no fault this time
+            assert roles.last_sync["sync/verified"] == 1 and roles.last_sync["sync/probe_gap"] < 1e-4
+            roles.sync = dataclasses.replace(roles.sync, fault=dataclasses.replace(
+                roles.sync.fault, kind="corrupt_loaded", version=2))
+        assert ray.get([w.get_weight_version.remote() for w in roles.rollouts]) == [2]
     finally:
         roles.shutdown()

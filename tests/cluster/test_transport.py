@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cluster.netutil import free_port
-from cluster.transport import GlooTransport, WeightSyncError, make_transport, plan_buckets, shared_gpus
+from cluster.nccl_transport import shared_gpus
+from cluster.transport import GlooTransport, WeightSyncError, make_transport, plan_buckets
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -149,9 +150,54 @@ def scenario_timeout(rank: int, ports: list[int], world: int, dtype: str | None)
     return {**out, "waited": time.monotonic() - start}
 
 
+def scenario_checksums(rank: int, ports: list[int], world: int, dtype: str | None) -> dict:
+    """Rank 2's link flips one bit of bucket 2 (the corrupt_bucket fault's hook)."""
+    from cluster.sync_faults import SyncFault, bucket_hook
+    t = _transport(rank, ports[0], world)
+    if rank == 0:
+        return {"sums": list(t.send(state(1).items(), 1))}
+    hook = bucket_hook(SyncFault("corrupt_bucket", after_bucket=2)) if rank == 2 else None
+    got = {n: enc(x) for n, x in t.receive(1, on_bucket=hook)}
+    return {"sums": list(t.received_checksums), "intact": got == expected(1)}
+
+
+def scenario_stops_mid_send(rank: int, ports: list[int], world: int, dtype: str | None) -> dict:
+    """Rank 1 refuses the rest of the send after bucket 1 (or dies there, dtype="dies"), rank 2
+    takes all of it: the sender and rank 2 return within the 3 s deadline, whatever happens."""
+    import datetime
+
+    from cluster.sync_faults import SyncFault, bucket_hook
+    t = _transport(rank, ports[0], world, timeout_s=3)
+    assert t._store is not None
+    start = time.monotonic()
+    if rank == 0:
+        try:
+            t.send(state(1).items(), 1)
+            out = {"error": None}
+        except WeightSyncError as e:
+            out = {"error": str(e)}
+        return {**out, "waited": time.monotonic() - start}
+    if rank == 1:
+        print("RESULT {}", flush=True)  # what a dying rank leaves
+        kind = "engine_dies" if dtype == "dies" else "engine_refuses"
+        out = _receive_with(t, 1, bucket_hook(SyncFault(kind, after_bucket=1)))
+        t._store.wait(["done"], datetime.timedelta(seconds=60))  # alive, no longer taking part
+        return out
+    out = _receive(t, 1)
+    t._store.set("done", "1")
+    return {**out, "waited": time.monotonic() - start}
+
+
+def _receive_with(t: GlooTransport, version: int, hook) -> dict:
+    try:
+        return {"tensors": {n: enc(x) for n, x in t.receive(version, on_bucket=hook)}}
+    except WeightSyncError as e:
+        return {"error": type(e).__name__, "msg": str(e)}
+
+
 def scenario_gpu_group(rank: int, ports: list[int], world: int, dtype: str | None) -> dict:
     """NCCL's rendezvous half (vLLM StatelessProcessGroup on our bound store), no GPU needed."""
-    from cluster.transport import join_gpu_group
+    from cluster.nccl_transport import join_gpu_group
     group = join_gpu_group(HOST, ports[0], rank, world, timeout_s=30, gpu=f"node/GPU-{rank}")
     token = group.broadcast_obj("from-0" if rank == 0 else None, src=0)  # as PyNccl sends its unique id
     out = {"token": token, "world": group.world_size, "listen": listening()}
@@ -164,7 +210,7 @@ def scenario_gpu_group(rank: int, ports: list[int], world: int, dtype: str | Non
 
 
 def run_group(scenario: str, world: int, ports: list[int], dtypes: dict[int, str] | None = None,
-              sender_delay: float = 1.5, timeout: float = 90) -> list[dict]:
+              sender_delay: float = 1.5, timeout: float = 90, may_die: tuple[int, ...] = ()) -> list[dict]:
     """Start the receivers, then (after sender_delay) the sender; return each rank's result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -184,7 +230,7 @@ def run_group(scenario: str, world: int, ports: list[int], dtypes: dict[int, str
             except subprocess.TimeoutExpired:
                 pytest.fail(f"{scenario}: rank {r} hung for {timeout}s")
             lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-            assert p.returncode == 0 and lines, f"{scenario} rank {r} rc={p.returncode}\n{err[-3000:]}"
+            assert (p.returncode == 0 or r in may_die) and lines, f"{scenario} rank {r} rc={p.returncode}\n{err[-3000:]}"
             results[r] = json.loads(lines[-1][len("RESULT "):])
     finally:
         for p in procs.values():
@@ -278,8 +324,27 @@ def test_group_reforms_on_a_new_port_after_close():
 @pytest.mark.timeout(120)
 def test_receiver_times_out_instead_of_hanging_when_nothing_is_sent():
     _, r1 = run_group("timeout", 2, [free_port(HOST)], sender_delay=0)
-    assert r1["error"] == "WeightSyncError" and "timed out" in r1["msg"]
+    assert r1["error"] == "WeightSyncError" and "ran past weight_sync.timeout_s=3s" in r1["msg"]
     assert 2 < r1["waited"] < 20  # gloo's 3 s timeout, not the sender leaving
+
+
+@pytest.mark.timeout(120)
+def test_both_sides_checksum_every_bucket_and_a_flipped_bit_shows_in_its_bucket_only():
+    sender, plain, flipped = run_group("checksums", 3, [free_port(HOST)])
+    assert len(sender["sums"]) == 5 and plain["sums"] == sender["sums"] and plain["intact"]
+    assert not flipped["intact"]  # the engine would have loaded the flipped bit
+    assert [i for i, (a, b) in enumerate(zip(sender["sums"], flipped["sums"])) if a != b] == [2]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["refuses", "dies"])
+def test_a_rank_that_stops_mid_send_costs_the_others_at_most_the_deadline(fault):
+    sender, stopped, other = run_group("stops_mid_send", 3, [free_port(HOST)], dtypes={1: fault}, may_die=(1,))
+    if fault == "refuses":
+        assert stopped["error"] == "WeightSyncError" and "after bucket 1 (injected fault)" in stopped["msg"]
+    # gloo buffers small sends, so the others may even finish; either way none waits past 3 s + slack
+    assert sender["waited"] < 8 and other["waited"] < 8, (sender, other)
+    assert sender["error"] is None or "ran past weight_sync.timeout_s=3s" in sender["error"]
 
 
 def test_shared_gpus_groups_ranks_on_one_gpu_and_ignores_unknown():
@@ -302,3 +367,35 @@ def test_nccl_rendezvous_forms_on_a_bound_store_and_refuses_a_shared_gpu():
 if __name__ == "__main__":
     name, rank, ports, world, dtype = json.loads(sys.argv[1])
     print("RESULT " + json.dumps(globals()[f"scenario_{name}"](rank, ports, world, dtype)), flush=True)
+
+
+def test_an_nccl_broadcast_past_its_deadline_aborts_the_communicator_and_raises():
+    """NcclTransport's wait, without a GPU: a broadcast whose CUDA event never completes (a peer
+    that died or stopped taking part) raises WeightSyncError at the deadline, after aborting the
+    communicator (vLLM's destroy: ncclCommAbort), and the transport is closed for good; one that
+    completes returns at once."""
+    from cluster.nccl_transport import NcclTransport
+
+    class Event:
+        def __init__(self, done_after: float):
+            self.done_at = time.monotonic() + done_after
+
+        def query(self):
+            return time.monotonic() >= self.done_at
+
+    class Comm:
+        destroyed = 0
+
+        def destroy(self):
+            Comm.destroyed += 1
+
+    t = object.__new__(NcclTransport)  # the GPU half of __init__ cannot run here
+    t._where, t.timeout_s, t._comm, t._store = "weight group test rank 0/2", 0.5, Comm(), None
+    stuck = [Event(0.1), Event(3600)]
+    t._start_broadcast = lambda buf: (lambda event=stuck.pop(0): t._wait(event))  # enqueue: no CUDA here
+    t._bcast(torch.zeros(4, dtype=torch.uint8))
+    assert Comm.destroyed == 0
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match="ran past weight_sync.timeout_s=0.5s .* communicator aborted"):
+        t._bcast(torch.zeros(4, dtype=torch.uint8))
+    assert 0.5 <= time.monotonic() - start < 2 and Comm.destroyed == 1 and t._comm is None

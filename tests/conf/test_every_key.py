@@ -348,6 +348,13 @@ PROBES: dict[str, Probe] = {
     "judge.budget_usd": P("0.5", launched_steps),
     "weight_sync.backend": P("gloo", weight_group, conf="polaris"),
     "weight_sync.bucket_mb": P("32", weight_group),
+    "weight_sync.timeout_s": P("30", weight_group),
+    "weight_sync.verify": P("5", weight_group),
+    "weight_sync.probe_tolerance": P("0.5", weight_group),
+    "weight_sync.fault.kind": P("corrupt_bucket", weight_group),
+    "weight_sync.fault.engine": P("1", weight_group, also=("weight_sync.fault.kind=engine_dies", "rollout.num_engines=2")),
+    **{f"weight_sync.fault.{k}": P(v, weight_group, also=("weight_sync.fault.kind=engine_dies",))
+       for k, v in (("version", "2"), ("after_bucket", "3"))},
     "eval.checkpoint": P(hf_folder("a"), evaluated_folders),
     "eval.compare": P(hf_folder("b"), evaluated_folders, also=(("eval.checkpoint", hf_folder("a")),)),
     "eval.prompts_path": P(data_file("release_jsonl"), checked_inputs, also=FEW_PROMPTS),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cluster.netutil import free_port
-from learner.worker import LearnerSettings, LearnerWorker
+from learner.settings import LearnerSettings
+from learner.worker import LearnerWorker
 
 
 def _settings(model_path: str = "unused", **overrides) -> LearnerSettings:

@@ -14,14 +14,8 @@ from actors.data import PromptRecord
 from cluster.roles import start_roles
 from conf import load_config
 from learner.grpo import truncated_importance_weights
-from learner.worker import (
-    TrainBatch,
-    TrainRow,
-    behaviour_logprobs,
-    combine_rank_metrics,
-    deepspeed_config,
-    pad_rows,
-)
+from learner.settings import deepspeed_config
+from learner.worker import TrainBatch, TrainRow, behaviour_logprobs, combine_rank_metrics, pad_rows
 
 pytestmark = pytest.mark.slow
 
