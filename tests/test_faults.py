@@ -92,7 +92,9 @@ def test_an_engine_lost_mid_sync_is_recovered_within_the_deadline_and_the_run_co
     rows = logged_steps(out)
     assert [r["step"] for r in rows] == [0, 1, 2] and [r["weight_version"] for r in rows] == [0, 1, 2]
     assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1]
-    assert all(r["groups/rows_trained"] > 0 and r["sync/verified"] == 1 for r in rows)
+    assert all(r["groups/rows_trained"] > 0 for r in rows)
+    # the probe ran on the first sync and on the recovery's re-send; the next (3rd of 10) checked checksums only
+    assert [r["sync/verified"] for r in rows] == [1, 1, 0]
     assert [checkpoint.read_state(c)["steps_done"] for c in checkpoint.complete_checkpoints(out)] == [2, 3]
 
 

@@ -23,17 +23,24 @@ def max_abs_diff(samples, learner_logprobs):
     return max(diffs)
 
 
-def test_engine_and_learner_logprobs_agree_across_a_broadcast(ray_address, tiny_model_path, tmp_path):
-    cfg = load_config(["learner.lr=1e-3", "rollout.sampling.max_new_tokens=48"])
-    codec = ChatCodec(AutoTokenizer.from_pretrained(tiny_model_path), enable_thinking=True, max_new_tokens=48)
+def started(overrides, tiny_model_path, tmp_path, max_new_tokens):
+    """(config, roles, sampling at max_new_tokens, requests for the first prompts of the tiny
+    validation set: two samples each of three)."""
+    cfg = load_config(["learner.lr=1e-3", f"rollout.sampling.max_new_tokens={max_new_tokens}", *overrides])
+    codec = ChatCodec(AutoTokenizer.from_pretrained(tiny_model_path), enable_thinking=True,
+                      max_new_tokens=max_new_tokens)
     roles = start_roles(cfg, model_path=tiny_model_path, stop_token_ids=codec.stop_ids,
-                        pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9", run_name="parity",
-                        output_dir=str(tmp_path))
+                        pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9",
+                        run_name=tmp_path.name, output_dir=str(tmp_path))
+    prompts = load_prompts("data/tiny/val.jsonl", require_reference=False)[:3]
+    requests = [(p.uid, i, codec.prompt_ids(p), 100 * k + i) for k, p in enumerate(prompts) for i in range(2)]
+    s = cfg.rollout.sampling
+    return cfg, roles, SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, max_new_tokens), requests
+
+
+def test_engine_and_learner_logprobs_agree_across_a_broadcast(ray_address, tiny_model_path, tmp_path):
+    cfg, roles, sampling, requests = started([], tiny_model_path, tmp_path, 48)
     try:
-        prompts = load_prompts("data/tiny/val.jsonl", require_reference=False)[:3]
-        requests = [(p.uid, i, codec.prompt_ids(p), 100 * k + i) for k, p in enumerate(prompts) for i in range(2)]
-        s = cfg.rollout.sampling
-        sampling = SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, 48)
 
         samples = roles.generate(requests, sampling)
         assert {x.weight_version for x in samples} == {0}
@@ -72,17 +79,10 @@ def test_a_bucket_corrupted_in_transit_and_a_parameter_loaded_wrong_are_both_cau
     """weight_sync.fault strikes the sync of v1 (one bit of bucket 2 flipped on the engine's link)
     and of v2 (layer 0's gate and up projections swapped on their way into the engine): each
     sync raises naming the part, and the recovery's re-send is verified clean."""
-    cfg = load_config(["learner.lr=1e-3", "rollout.sampling.max_new_tokens=16", "weight_sync.bucket_mb=1",
-                       "weight_sync.fault.kind=corrupt_bucket", "weight_sync.fault.after_bucket=2"])
-    codec = ChatCodec(AutoTokenizer.from_pretrained(tiny_model_path), enable_thinking=True, max_new_tokens=16)
-    roles = start_roles(cfg, model_path=tiny_model_path, stop_token_ids=codec.stop_ids,
-                        pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9", run_name="verify",
-                        output_dir=str(tmp_path))
+    cfg, roles, sampling, requests = started(["weight_sync.verify=1", "weight_sync.bucket_mb=1",  # probe every sync
+                                              "weight_sync.fault.kind=corrupt_bucket", "weight_sync.fault.after_bucket=2"],
+                                             tiny_model_path, tmp_path, 16)
     try:
-        prompts = load_prompts("data/tiny/val.jsonl", require_reference=False)[:2]
-        requests = [(p.uid, 0, codec.prompt_ids(p), k) for k, p in enumerate(prompts)]
-        s = cfg.rollout.sampling
-        sampling = SamplingParams(s.temperature, s.top_p, s.top_k, s.repetition_penalty, 16)
         for version, part in ((1, r"\(transport\): engine 0 shard 0 received bucket 2 of \d+"),
                               (2, r"\(load\): engine 0 scores the probe .* nats per token away")):
             samples = roles.generate(requests, sampling)
