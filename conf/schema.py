@@ -254,7 +254,7 @@ class WeightSyncConfig:
     bucket_mb: int = 256
     timeout_s: float = 300.0  # deadline of every transfer (and of forming the group): past it, recovery
     verify: int = 10  # checksums on every sync, the probe on the first and every N-th (1: every sync, 0: neither)
-    # (the probe costs ~80% of a CPU sync: bench/weight_sync.py; docs/design.md#weight-sync)
+    # (the probe costs about one CPU sync: bench/weight_sync.py; docs/design.md#weight-sync)
     probe_tolerance: float = 0.0  # mean |engine - learner| probe log-probability allowed; 0: model.dtype's
     fault: SyncFaultConfig = field(default_factory=SyncFaultConfig)
 
