@@ -135,7 +135,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(c or repr(c) for c in choices)}")
 
 
 def validate(c: Config) -> None:
