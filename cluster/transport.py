@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import datetime
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -55,20 +56,28 @@ class _Bucket:
         return sum(e.numel for e in self.entries)
 
 
-def plan_buckets(named: list[tuple[str, torch.Tensor]], bucket_mb: float) -> list[_Bucket]:
+Spec = tuple[str, tuple[int, ...], torch.dtype]  # what a tensor will be: name, shape, dtype
+
+
+def spec_of(named: Iterable[tuple[str, torch.Tensor]]) -> list[Spec]:
+    return [(n, tuple(t.shape), t.dtype) for n, t in named]
+
+
+def plan_buckets(layout: list[Spec], bucket_mb: float) -> list[_Bucket]:
     """Consecutive tensors of one dtype share a bucket up to bucket_mb; a larger tensor travels alone."""
     limit = bucket_mb * 2**20
     buckets: list[_Bucket] = []
     run: list[_Entry] = []
     dtype, nbytes = None, 0
-    for name, t in named:
-        size = t.numel() * t.element_size()
-        if run and (t.dtype != dtype or nbytes + size > limit):
+    for name, shape, t_dtype in layout:
+        numel = math.prod(shape)
+        size = numel * t_dtype.itemsize
+        if run and (t_dtype != dtype or nbytes + size > limit):
             buckets.append(_Bucket(dtype, tuple(run)))  # type: ignore[arg-type]
             run, nbytes = [], 0
         offset = run[-1].offset + run[-1].numel if run else 0
-        run.append(_Entry(name, tuple(t.shape), offset, t.numel()))
-        dtype, nbytes = t.dtype, nbytes + size
+        run.append(_Entry(name, tuple(shape), offset, numel))
+        dtype, nbytes = t_dtype, nbytes + size
     if run:
         buckets.append(_Bucket(dtype, tuple(run)))  # type: ignore[arg-type]
     return buckets
@@ -84,10 +93,10 @@ def _decode(raw: bytes) -> list[_Bucket]:
             for dt, entries in json.loads(raw)]
 
 
-def _mismatch(buckets: list[_Bucket], named: list[tuple[str, torch.Tensor]]) -> str:
+def _mismatch(buckets: list[_Bucket], layout: list[Spec]) -> str:
     want = {e.name: (b.dtype, e.shape) for b in buckets for e in b.entries}
-    got = {n: (t.dtype, tuple(t.shape)) for n, t in named}
-    if len(got) != len(named):
+    got = {n: (dtype, tuple(shape)) for n, shape, dtype in layout}
+    if len(got) != len(layout):
         return "duplicate tensor names in send"
     if want.keys() != got.keys():
         return (f"tensor names changed since the first send: missing {sorted(want.keys() - got.keys())[:5]}, "
@@ -103,8 +112,11 @@ class WeightTransport(abc.ABC):
 
     @abc.abstractmethod
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-             on_bucket: BucketHook | None = None) -> tuple[int, ...]:
-        """Returns the checksum of each bucket sent."""
+             on_bucket: BucketHook | None = None, layout: list[Spec] | None = None) -> tuple[int, ...]:
+        """Returns the checksum of each bucket sent. Without `layout` every tensor is taken first
+        (any order). With it (name, shape, dtype of each tensor, in the order they come and the
+        first send's order), each tensor is packed as it comes and may be freed once the next
+        is asked for: only the bucket being packed and the one in flight are ever held."""
 
     @abc.abstractmethod
     def receive(self, version: int, on_bucket: BucketHook | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -179,7 +191,7 @@ class BucketTransport(WeightTransport):
         return status, version, bytes(self._bcast(buf).cpu().numpy())
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-             on_bucket: BucketHook | None = None) -> tuple[int, ...]:
+             on_bucket: BucketHook | None = None, layout: list[Spec] | None = None) -> tuple[int, ...]:
         # On CPU, packing on one thread: the engines reload on the other cores meanwhile, and a
         # parallel copy's threads then wait on each other behind them (bench/weight_sync.py:
         # syncs of 0.12-0.37 s became 0.10-0.12 s)
@@ -187,22 +199,37 @@ class BucketTransport(WeightTransport):
         if self.device.type == "cpu":
             torch.set_num_threads(1)
         try:
-            return self._send(named_tensors, version, on_bucket)
+            return self._send(named_tensors, version, on_bucket, layout)
         finally:
             torch.set_num_threads(threads)
 
-    def _send(self, named_tensors, version, on_bucket):
+    def _send(self, named_tensors, version, on_bucket, layout):
         if self.rank != 0:
             raise WeightSyncError(f"{self._where}: only rank 0 sends")
-        named = [(n, t.detach()) for n, t in named_tensors]
+        streamed = layout is not None
+        if layout is None:
+            named = {n: t.detach() for n, t in named_tensors}
+            layout = spec_of(named.items())
         first = self._buckets is None
-        buckets = plan_buckets(named, self.bucket_mb) if self._buckets is None else self._buckets
-        reason = _mismatch(buckets, named)
+        buckets = plan_buckets(layout, self.bucket_mb) if self._buckets is None else self._buckets
+        reason = _mismatch(buckets, layout)
+        if not reason and streamed and [n for n, _, _ in layout] != [e.name for b in buckets for e in b.entries]:
+            reason = "a streamed send must come in the order of the first send"
         if reason:  # tell receivers before raising, so they raise too instead of waiting
             self._header(_ABORT, version, reason.encode())
             raise WeightSyncError(f"{self._where}: {reason}")
         self._header(_OK, version, _encode(buckets) if first else b"")
-        self._buckets, tensors = buckets, dict(named)
+        self._buckets = buckets
+        arriving = iter(named_tensors) if streamed else None
+
+        def take(e: _Entry) -> torch.Tensor:
+            if arriving is None:
+                return named[e.name]
+            name, t = next(arriving)
+            if name != e.name or tuple(t.shape) != e.shape:
+                raise WeightSyncError(f"{self._where}: the layout promised {e.name} {e.shape}, "
+                                      f"the stream gave {name} {tuple(t.shape)}")
+            return t
         # one bucket travels while the next is packed, into two buffers kept across sends
         # (fresh ones would page-fault the whole model in again on every update)
         size = max(b.numel * b.dtype.itemsize for b in buckets)
@@ -212,7 +239,8 @@ class BucketTransport(WeightTransport):
         in_flight: Callable[[], torch.Tensor] | None = None
         for i, b in enumerate(buckets):
             flat = self._send_buffers[i % 2][:b.numel * b.dtype.itemsize].view(b.dtype)
-            torch.cat([tensors[e.name].reshape(-1).to(self.device) for e in b.entries], out=flat)
+            for e in b.entries:  # streamed: each tensor is packed while it is still gathered (ZeRO-3)
+                flat[e.offset:e.offset + e.numel].copy_(take(e).reshape(-1))
             sums.append(checksum(flat))
             started = self._begin(flat)
             if in_flight is not None:

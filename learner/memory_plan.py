@@ -37,6 +37,9 @@ learner rank
                chunks cut from the micro-batch's flattened rows x positions. A chunk that takes
                `chunk` positions of every row side by side holds rows x chunk positions, and a
                micro-batch packed with rows shorter than the chunk puts all T in one chunk.
+- sync         rank 0's two send buffers: 2 x max(weight_sync.bucket_mb, the largest tensor,
+               V x H x b, which travels alone); under ZeRO-3 the one parameter gathered while it
+               is packed (the largest). Not live during training; counted at its own peak.
 - overhead     LEARNER_OVERHEAD_GIB: CUDA context, NCCL and DeepSpeed bucket buffers (reduce
                bucket 5e8 elements = 1 GB in bf16), allocator fragmentation.
 
@@ -48,6 +51,9 @@ rollout engine GPU (vLLM: it takes gpu_memory_utilization x the GPU and needs, w
 - linear state per sequence and linear-attention layer: the recurrent state (value heads / tp)
                x key_head_dim x value_head_dim x state bytes (fp32) + the conv state
                conv_dim / tp x (kernel - 1) x b; x concurrent sequences.
+- sync         two receive buffers of the same size on every TP worker (it receives whole
+               tensors), and the decoder layer vLLM's in-place reload builds before copying it
+               into place (the largest layer x b / tp).
 - overhead     ENGINE_OVERHEAD_GIB: CUDA context, CUDA graphs, the profiling run's activations
                and sampler buffers.
 """
@@ -82,6 +88,7 @@ class LearnerSetup:
     offload_optimizer: bool = False
     offload_params: bool = False
     logit_rows: int = 1  # rows whose chunks are projected together (1: chunks of the flattened positions)
+    sync_bucket_mb: int = 256  # weight_sync.bucket_mb
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class EngineSetup:
     concurrent_sequences: int  # sequences one engine holds at once
     gpu_memory_utilization: float
     dtype: str
+    sync_bucket_mb: int = 256  # weight_sync.bucket_mb
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,10 @@ def _learner(model: ModelShape, s: LearnerSetup, gpu: int) -> RoleMemory:
         gpu_items["activations: all layers"] = model.num_layers * layer
     positions = min(s.logit_rows * s.logprob_chunk_tokens, t) if s.logprob_chunk_tokens > 0 else t
     gpu_items["logits chunk"] = positions * model.vocab_size * 4 * LOGIT_FP32_COPIES
+    sync = sync_memory(model, s.dtype, s.sync_bucket_mb)
+    gpu_items["sync: 2 send buffers (rank 0)"] = sync["buffers"]
+    if s.zero_stage == 3:
+        gpu_items["sync: gathered param (rank 0)"] = sync["tensor"]
     gpu_items["overhead"] = int(LEARNER_OVERHEAD_GIB * GIB)
     shard = f"ZeRO-{s.zero_stage} {s.dtype} over {w}" + (", optimizer offloaded" if s.offload_optimizer else "") + (
         ", params offloaded" if s.offload_params else "")
@@ -182,11 +194,36 @@ def _engine(model: ModelShape, s: EngineSetup, gpu: int) -> RoleMemory:
         per_seq = (-(-lin.num_value_heads // tp) * lin.key_head_dim * lin.value_head_dim * lin.state_bytes
                    + -(-lin.conv_dim // tp) * (lin.conv_kernel - 1) * b)
         items["linear-attention state"] = model.linear_layers * per_seq * s.concurrent_sequences
+    sync = sync_memory(model, s.dtype, s.sync_bucket_mb)
+    items["sync: 2 receive buffers"] = sync["buffers"]  # every TP worker receives whole tensors
+    items["sync: layer being reloaded"] = -(-sync["layer"] // tp)
     items["overhead"] = int(ENGINE_OVERHEAD_GIB * GIB)
     budget = int(s.gpu_memory_utilization * gpu)
     note = f"gpu_memory_utilization {s.gpu_memory_utilization:g} x {gpu / GIB:.1f}"
     role = (f"rollout engine GPU (tp {tp}, {s.concurrent_sequences} sequences x {s.max_model_len} tokens)")
     return RoleMemory(role, s.num_engines, items, budget, note)
+
+
+def sync_memory(model: ModelShape, dtype: str, bucket_mb: int) -> dict[str, int]:
+    """Bytes the weight sync holds (cluster/transport.py): a bucket is bucket_mb, or one tensor
+    alone when larger (the embedding, V x H); the sender keeps two (one packed while the other
+    travels) and a receiver two (one arriving while the engine loads the other). Under ZeRO-3
+    rank 0 gathers one parameter at a time as it packs it. vLLM's in-place reload builds a
+    layer anew before copying it into place: one decoder layer more."""
+    b = DTYPE_BYTES[dtype]
+    tensor = max(model.vocab_size * model.hidden_size, model.intermediate_size * model.hidden_size) * b
+    bucket = max(bucket_mb * 2**20, tensor)
+    return {"buffers": 2 * bucket, "tensor": tensor, "bucket": bucket,
+            "layer": max(model.full_layer_params, model.linear_layer_params) * b}
+
+
+def sync_line(plan: MemoryPlan) -> str:
+    learner, engine = plan.learner.gpu, plan.engine.gpu
+    gathered = learner.get("sync: gathered param (rank 0)", 0)
+    return (f"plan: weight sync (GiB): learner rank 0 {_gib(learner['sync: 2 send buffers (rank 0)'])} "
+            f"in 2 send buffers + {_gib(gathered)} gathered parameter; every engine worker "
+            f"{_gib(engine['sync: 2 receive buffers'])} in 2 receive buffers + "
+            f"{_gib(engine['sync: layer being reloaded'])} for the layer being reloaded")
 
 
 def check(plan: MemoryPlan, cpu_memory_gib: float | None = None) -> None:
@@ -271,13 +308,13 @@ def plan_from_config(cfg, model_config: dict, gpu_memory_gib: float, *, gpu_memo
         world_size=lr.world_size, zero_stage=lr.zero_stage, dtype=cfg.model.dtype,
         gradient_checkpointing=cfg.model.gradient_checkpointing, tokens_per_micro_batch=tokens,
         logprob_chunk_tokens=lr.logprob_chunk_tokens, offload_optimizer=lr.offload_optimizer,
-        offload_params=lr.offload_params)
+        offload_params=lr.offload_params, sync_bucket_mb=cfg.weight_sync.bucket_mb)
     per_engine = -(-ro.n * cfg.data.prompts_per_step // ro.num_engines)
     engine = EngineSetup(
         num_engines=ro.num_engines, tensor_parallel_size=ro.tensor_parallel_size,
         max_model_len=cfg.data.max_prompt_tokens + max(ro.sampling.max_new_tokens, ro.val_sampling.max_new_tokens),
         concurrent_sequences=min(per_engine, max_num_seqs), gpu_memory_utilization=gpu_memory_utilization,
-        dtype=cfg.model.dtype)
+        dtype=cfg.model.dtype, sync_bucket_mb=cfg.weight_sync.bucket_mb)
     return plan_memory(ModelShape.from_hf_config(model_config), learner, engine, gpu_memory_gib)
 
 
@@ -293,6 +330,6 @@ def startup_plan(cfg) -> str:
     if torch.cuda.is_available():
         gib = torch.cuda.get_device_properties(0).total_memory / GIB
     plan = plan_from_config(cfg, model_config(cfg.model.path), gib)
-    text = format_plan(plan)
+    text = format_plan(plan) + "\n" + sync_line(plan)
     check(plan)
     return text

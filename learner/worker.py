@@ -268,26 +268,28 @@ class LearnerWorker:
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full tensors under the names the engines load (the learner's own for the HF engine,
-        checkpoint format for vLLM). Under ZeRO-3 every rank must iterate this together: each
-        parameter is gathered collectively."""
+        checkpoint format for vLLM), in weight_layout()'s order. Under ZeRO-3 every rank must
+        iterate this together (each parameter is gathered collectively), and a tensor is only
+        valid until the next one is asked for (it is partitioned again): copy what you keep."""
         import deepspeed
 
+        for name, param in self._sent_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=self.s.zero_stage == 3):
+                yield name, param.detach()
+
+    def weight_layout(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, full shape, dtype) of each tensor named_weights yields, without gathering any."""
+        return [(name, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for name, p in self._sent_parameters()]
+
+    def _sent_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         from cluster.names import checkpoint_name_mapper
 
         module = self.policy
         rename = checkpoint_name_mapper(module.config.model_type) if self.s.checkpoint_names else (lambda n: n)
-        names = {name for name, _ in module.named_parameters()}
-        for name, param in module.named_parameters():
-            if self.s.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters([param]):
-                    yield rename(name), param.detach().clone()
-            else:
-                yield rename(name), param.detach()
-        if getattr(module.config, "tie_word_embeddings", False) and "lm_head.weight" not in names:
-            # vLLM's loader keeps its own head unless it is sent explicitly
-            embed = module.get_input_embeddings().weight
-            with deepspeed.zero.GatheredParameters([embed], enabled=self.s.zero_stage == 3):
-                yield "lm_head.weight", embed.detach().clone()
+        sent = [(rename(name), param) for name, param in module.named_parameters()]
+        if getattr(module.config, "tie_word_embeddings", False) and all(n != "lm_head.weight" for n, _ in sent):
+            sent.append(("lm_head.weight", module.get_input_embeddings().weight))  # vLLM keeps its own head otherwise
+        return sent
 
     # --- weight broadcast (rank 0 only) ---
     def init_weight_sync(self, backend: str, host: str, port: int, world_size: int, bucket_mb: float,
@@ -309,8 +311,9 @@ class LearnerWorker:
 
         weights, checksums, failed = self.named_weights(), (), None
         if self.rank == 0:
-            try:
-                checksums = self.transport.send(weights, version, on_bucket=bucket_hook(fault))
+            try:  # streamed: one gathered parameter at a time is held, never the whole model
+                checksums = self.transport.send(weights, version, on_bucket=bucket_hook(fault),
+                                                layout=self.weight_layout())
             except WeightSyncError as e:
                 failed = e
         for _ in weights:  # rank 0: the rest of a send that failed

@@ -152,11 +152,14 @@ def test_polaris_check_prints_the_memory_plan_and_refuses_one_that_cannot_fit(tm
     proc, _ = run_launch(["conf=polaris", "mode=check", *data], tmp_path, key)
     assert "memory plan" in proc.stdout and "learner rank" in proc.stdout and "rollout engine" in proc.stdout
     assert proc.stdout.count(": fits") == 2
+    [sync] = [line for line in proc.stdout.splitlines() if line.startswith("plan: weight sync")]
+    assert sync == ("plan: weight sync (GiB): learner rank 0 3.79 in 2 send buffers + 1.89 gathered parameter; "
+                    "every engine worker 3.79 in 2 receive buffers + 0.41 for the layer being reloaded")
     if proc.returncode:  # on a machine without the run's GPU, the device check comes after the plan
         assert_one_error(proc.stderr, ["no GPU is visible"])
     proc, _ = run_launch(["conf=polaris", "mode=check", "learner.offload_optimizer=false", *data], tmp_path, key)
     assert proc.returncode == 2
-    assert_one_error(proc.stderr, ["memory plan does not fit", "learner rank", "83.09", "learner.offload_optimizer"])
+    assert_one_error(proc.stderr, ["memory plan does not fit", "learner rank", "88.78", "learner.offload_optimizer"])
 
 
 def test_checks_import_none_of_the_heavy_stack():

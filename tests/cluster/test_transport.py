@@ -14,7 +14,7 @@ import torch
 
 from cluster.netutil import free_port
 from cluster.nccl_transport import shared_gpus
-from cluster.transport import GlooTransport, WeightSyncError, make_transport, plan_buckets
+from cluster.transport import GlooTransport, WeightSyncError, make_transport, plan_buckets, spec_of
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -161,6 +161,28 @@ def scenario_checksums(rank: int, ports: list[int], world: int, dtype: str | Non
     return {"sums": list(t.received_checksums), "intact": got == expected(1)}
 
 
+def scenario_streamed(rank: int, ports: list[int], world: int, dtype: str | None) -> dict:
+    """The learner's way under ZeRO-3: a layout first, then each tensor handed over and taken
+    back (zeroed, as a re-partitioned parameter) before the next; then a stream out of order."""
+    t = _transport(rank, ports[0], world)
+    if rank > 0:
+        return {"v1": _receive(t, 1), "v2": _receive(t, 2)}
+    layout = spec_of(state(1).items())
+
+    def handed_over(step):
+        for name, tensor in state(step).items():
+            gathered = tensor.clone()
+            yield name, gathered
+            gathered.zero_()  # gone once the next one is asked for
+    sums = t.send(handed_over(1), 1, layout=layout)
+    try:
+        t.send(reversed(list(handed_over(2))), 2, layout=layout[::-1])
+        error = None
+    except WeightSyncError as e:
+        error = str(e)
+    return {"sums": len(sums), "error": error}
+
+
 def scenario_stops_mid_send(rank: int, ports: list[int], world: int, dtype: str | None) -> dict:
     """Rank 1 refuses the rest of the send after bucket 1 (or dies there, dtype="dies"), rank 2
     takes all of it: the sender and rank 2 return within the 3 s deadline, whatever happens."""
@@ -243,7 +265,7 @@ def run_group(scenario: str, world: int, ports: list[int], dtypes: dict[int, str
 # ---- tests -------------------------------------------------------------------------------------
 
 def test_plan_buckets_splits_by_dtype_run_and_size():
-    plan = plan_buckets(list(state(1).items()), BUCKET_MB)
+    plan = plan_buckets(spec_of(state(1).items()), BUCKET_MB)
     layout = [(b.dtype, [(e.name, e.offset, e.numel) for e in b.entries]) for b in plan]
     assert layout == [
         (torch.float32, [("embed.weight", 0, 128)]),  # 512 B > 256 B: alone
@@ -326,6 +348,14 @@ def test_receiver_times_out_instead_of_hanging_when_nothing_is_sent():
     _, r1 = run_group("timeout", 2, [free_port(HOST)], sender_delay=0)
     assert r1["error"] == "WeightSyncError" and "ran past weight_sync.timeout_s=3s" in r1["msg"]
     assert 2 < r1["waited"] < 20  # gloo's 3 s timeout, not the sender leaving
+
+
+@pytest.mark.timeout(120)
+def test_a_streamed_send_packs_each_tensor_as_it_comes_and_refuses_another_order():
+    sender, receiver = run_group("streamed", 2, [free_port(HOST)])
+    assert sender["sums"] == 5 and receiver["v1"]["tensors"] == expected(1)
+    assert "order of the first send" in sender["error"]
+    assert "sender aborted version 2" in receiver["v2"]["msg"]
 
 
 @pytest.mark.timeout(120)

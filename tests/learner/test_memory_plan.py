@@ -67,10 +67,10 @@ def test_small_plan_equals_numbers_worked_out_by_hand():
     shape = ModelShape.from_hf_config(SMALL)
     assert shape.params == SMALL_P
     engine = EngineSetup(num_engines=1, tensor_parallel_size=4, max_model_len=300, concurrent_sequences=5,
-                         gpu_memory_utilization=0.5, dtype="bfloat16")
+                         gpu_memory_utilization=0.5, dtype="bfloat16", sync_bucket_mb=1)
     # 2 ranks, ZeRO-3, bf16, checkpointing, 512 tokens per micro-batch, chunks of 128 positions from 2 rows
     zero3 = LearnerSetup(world_size=2, zero_stage=3, dtype="bfloat16", gradient_checkpointing=True,
-                         tokens_per_micro_batch=512, logprob_chunk_tokens=128, logit_rows=2)
+                         tokens_per_micro_batch=512, logprob_chunk_tokens=128, logit_rows=2, sync_bucket_mb=1)
     plan = plan_memory(shape, zero3, engine, 16)
     assert plan.learner.gpu == {
         "weights": 182_432,  # 182432 x 2 bytes / 2 ranks
@@ -80,6 +80,8 @@ def test_small_plan_equals_numbers_worked_out_by_hand():
         "activations: layer checkpoints": 262_144,  # 4 layers x 512 tokens x 64 x 2 bytes
         "activations: one layer": 1_179_648,  # 512 x (10 x 64 + 4 x 128 = 1152) x 2 bytes
         "logits chunk": 786_432,  # min(2 x 128, 512) = 256 positions x 256 x 4 bytes x 3 copies
+        "sync: 2 send buffers (rank 0)": 2_097_152,  # 2 x 1 MiB buckets (the largest tensor, 256x64x2, fits one)
+        "sync: gathered param (rank 0)": 32_768,  # one at a time: the largest, 256 x 64 x 2 bytes
         "overhead": 3 * GIB,
     }
     assert plan.learner.cpu == {}
@@ -90,19 +92,22 @@ def test_small_plan_equals_numbers_worked_out_by_hand():
         "weights": 91_216,
         "KV cache (full-attention layers)": 192_000,
         "linear-attention state": 3_520,  # 10 x (256 + 96)
+        "sync: 2 receive buffers": 2_097_152,  # whole buckets on every TP worker
+        "sync: layer being reloaded": 20_560,  # the full layer, 41120 x 2 bytes / 4
         "overhead": 3 * GIB,
     }
     assert plan.engine.budget == 8 * GIB  # 0.5 x 16 GiB
 
     # 4 ranks, ZeRO-2, fp32, no checkpointing, the optimizer on CPU, the logits at once
     offload = LearnerSetup(world_size=4, zero_stage=2, dtype="float32", gradient_checkpointing=False,
-                           tokens_per_micro_batch=512, logprob_chunk_tokens=0, offload_optimizer=True)
+                           tokens_per_micro_batch=512, logprob_chunk_tokens=0, offload_optimizer=True, sync_bucket_mb=1)
     plan = plan_memory(shape, offload, engine, 16)
     assert plan.learner.gpu == {
         "weights": 729_728,  # 182432 x 4 bytes, whole under ZeRO-2
         "gradients": 182_432,  # 182432 x 4 / 4 ranks
         "activations: all layers": 9_437_184,  # 4 layers x 512 x 1152 x 4 bytes
         "logits chunk": 1_572_864,  # all 512 positions x 256 x 4 bytes x 3
+        "sync: 2 send buffers (rank 0)": 2_097_152,  # sent from the module itself: no gathered parameter
         "overhead": 3 * GIB,
     }
     assert plan.learner.cpu == {"optimizer states": 364_864,  # 182432 x 8 (m, v; fp32 needs no master) / 4
@@ -113,11 +118,16 @@ def test_polaris_plan_totals():
     """conf=polaris: 2 learner ranks ZeRO-3 bf16, 2 vLLM engines of tp 1, 80 GiB GPUs."""
     plan = polaris_plan()
     # GiB: weights 8.34 + gradients 8.34 + optimizer 50.03 + lm_head gathered 3.79 + checkpoints 4.00
-    # + one layer 2.75 + logits 2.84 + overhead 3.00 = 83.09 > 80
-    assert plan.learner.gpu_total / GIB == pytest.approx(83.09, abs=0.01)
+    # + one layer 2.75 + logits 2.84 + sync 3.79 + 1.89 + overhead 3.00 = 88.78 > 80
+    embedding = V * H * 2 / GIB  # 1.89: larger than a 256 MiB bucket, it travels alone
+    assert plan.learner.gpu["sync: 2 send buffers (rank 0)"] / GIB == pytest.approx(2 * embedding)
+    assert plan.learner.gpu["sync: gathered param (rank 0)"] / GIB == pytest.approx(embedding)
+    assert plan.learner.gpu_total / GIB == pytest.approx(83.09 + 3 * embedding, abs=0.01)
     assert plan.learner.cpu == {}
-    # weights with the vision tower 17.53 + KV cache 6.19 + linear state 1.15 + overhead 3.00
-    assert plan.engine.gpu_total / GIB == pytest.approx(17.53 + 6.19 + 1.15 + 3.00, abs=0.01)
+    # weights with the vision tower 17.53 + KV cache 6.19 + linear state 1.15 + sync receive 3.79
+    # + the largest layer reloaded + overhead 3.00
+    layer = max(FULL_LAYER, LINEAR_LAYER) * 2 / GIB
+    assert plan.engine.gpu_total / GIB == pytest.approx(17.53 + 6.19 + 1.15 + 2 * embedding + layer + 3.00, abs=0.01)
     assert plan.engine.budget == int(0.85 * 80 * GIB)
 
 
@@ -125,7 +135,7 @@ def test_polaris_on_80gib_gpus_is_refused_with_the_numbers_and_the_knobs():
     with pytest.raises(EnvironmentSetupError) as err:
         check(polaris_plan())
     message = str(err.value)
-    assert "learner rank" in message and "needs 83.09 GiB > 80.00 GiB" in message
+    assert "learner rank" in message and "needs 88.78 GiB > 80.00 GiB" in message
     assert "optimizer states 50.03" in message
     for knob in ("learner.world_size", "learner.offload_optimizer=true", "learner.max_tokens_per_micro_batch",
                  "learner.logprob_chunk_tokens"):
