@@ -58,6 +58,10 @@ class VLLMEngine(RolloutEngine):
             distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
             gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="raw_logprobs",
             generation_config="vllm",  # our sampling settings only, not the checkpoint's defaults
+            # engines serve text: a multimodal checkpoint (Qwen3.5-9B) gets no vision tower built or
+            # profiled (vLLM 0.32 MultiModalConfig.language_model_only: every modality limit 0, the
+            # tower skipped by _mark_tower_model); text-only models ignore it
+            language_model_only=True,
             worker_extension_cls=WORKER_EXTENSION,
         )
         self._temperature: float | None = None

@@ -44,7 +44,8 @@ learner rank
                bucket 5e8 elements = 1 GB in bf16), allocator fragmentation.
 
 rollout engine GPU (vLLM: it takes gpu_memory_utilization x the GPU and needs, within it)
-- weights      (P + the checkpoint's vision tower, which vLLM loads) x b / tensor_parallel_size.
+- weights      P x b / tensor_parallel_size: the text model only (engines are started with vLLM's
+               language_model_only, so a multimodal checkpoint's vision tower is never built).
 - KV cache     full-attention layers x 2 (K and V) x max(1, kv_heads / tp) x head_dim x b
                x max_model_len x concurrent sequences: every sequence of a step at full length,
                so the step runs without preemption. Linear-attention layers keep no KV cache.
@@ -185,7 +186,7 @@ def _engine(model: ModelShape, s: EngineSetup, gpu: int) -> RoleMemory:
     tp, b = s.tensor_parallel_size, DTYPE_BYTES[s.dtype]
     kv_heads = max(1, model.num_kv_heads // tp)
     items = {
-        "weights": -(-(model.params + model.extra_engine_params) * b // tp),
+        "weights": -(-model.params * b // tp),  # text only: the vision tower is never built (language_model_only)
         "KV cache (full-attention layers)": (model.full_attention_layers * 2 * kv_heads * model.head_dim * b
                                              * s.max_model_len * s.concurrent_sequences),
     }

@@ -137,7 +137,7 @@ class ModelShape:
     attn_output_gate: bool = False
     qk_norm: bool = False
     linear: LinearAttention | None = None
-    extra_engine_params: int = 0  # loaded by the engine, not by the text-only learner (a vision tower)
+    extra_engine_params: int = 0  # a vision tower: in the checkpoint, built by no role of ours (text only)
 
     @classmethod
     def from_hf_config(cls, config: dict) -> ModelShape:
