@@ -136,10 +136,11 @@ class Roles:
             probe = s.verify > 0 and (self.syncs - 1) % s.verify == 0
         probe_args = self.probe if probe and s.verify else None
         fault = s.fault if s.fault is not None and s.fault.version == version and not restoring else None
-        engine_fault = SyncFault(fault.kind, fault.after_bucket) if fault and fault.kind != "learner_dies" else None
-        learner_fault = SyncFault(fault.kind, fault.after_bucket) if fault and fault.kind == "learner_dies" else None
+        armed = SyncFault(fault.kind, fault.after_bucket) if fault else None
+        on_learner = armed is not None and armed.kind == "learner_dies"
+        learner_fault = armed if on_learner else None
         receiving = [w.receive_weights.remote(version, restoring=restoring, probe=probe_args,
-                                              fault=engine_fault if fault and i == fault.engine else None)
+                                              fault=armed if armed and not on_learner and i == fault.engine else None)
                      for i, w in enumerate(self.rollouts)]
         sending = [l.broadcast_weights.remote(version, probe_args, learner_fault) for l in self.learners]
         received, sent = _settle(receiving), _settle(sending)
@@ -387,7 +388,8 @@ def weight_sync_settings(cfg: Config) -> SyncSettings:
 
 
 def _form_weight_group(cfg: Config, roles: Roles) -> None:
-    s = weight_sync_settings(cfg)
+    s = roles.sync
+    assert s is not None, "these roles have no weight group (mode=eval)"
     host, port = ray.get(_rendezvous_address.options(**roles.placement.learner(0)).remote())
     shards = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
     world = 1 + len(roles.rollouts) * shards
