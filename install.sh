@@ -9,6 +9,13 @@ case "$target" in
   *) echo "install.sh: unknown target '$target' (use cpu or gpu; the two are mutually exclusive)" >&2; exit 2 ;;
 esac
 python="${PYTHON:-python3}"
+read_kernels='
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu-kernels"]))'
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.polaris-install-$target"
 want="$(sha256sum pyproject.toml | cut -c1-16)"
@@ -28,6 +35,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     if .venv/bin/pip list 2>/dev/null | grep -qiE '^nvidia-|^torch .*\+cu'; then
       echo "install.sh: a CUDA wheel reached the CPU install; remove .venv and report this" >&2; exit 1
     fi
+  fi
+  if [ "$target" = gpu ]; then
+    # One at a time, built against the installed torch: a kernel that fails to build is reported
+    # and skipped (the learner's start-up line then says it runs the torch reference).
+    .venv/bin/python -c "$read_kernels" | while IFS= read -r req; do
+      if .venv/bin/pip install --quiet --no-build-isolation "$req"; then
+        echo "install.sh: gpu-kernels: installed $req"
+      else
+        echo "install.sh: gpu-kernels: $req did not install; the learner runs its torch reference instead" >&2
+      fi
+    done
   fi
   echo "$want" > "$stamp"
 fi

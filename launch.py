@@ -34,9 +34,15 @@ def check_inputs(cfg: Config):
     if cfg.trainer.device == "cuda":
         import torch
 
+        from learner.kernels import planned_kernel_line
         from learner.memory_plan import startup_plan
+        from learner.settings import resolve_optimizer
 
         print(startup_plan(cfg))  # refuses a plan that cannot fit, with the numbers
+        print(planned_kernel_line(cfg.model.path, cfg.trainer.device))
+        optimizer = resolve_optimizer(cfg.learner.optimizer, device="cuda", offload_optimizer=cfg.learner.offload_optimizer)
+        print(f"learner: optimizer {optimizer} (learner.optimizer={cfg.learner.optimizer}), CPU threads per rank: "
+              "the node's cores less one per engine, shared by the node's ranks")
         if not torch.cuda.is_available():
             raise EnvironmentSetupError("trainer.device=cuda but no GPU is visible; use conf=tiny or trainer.device=cpu")
     print(f"checked: config, {len(train)} training prompts ({cfg.data.train_path})"

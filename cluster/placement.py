@@ -48,6 +48,17 @@ class Placement:
     def engine(self, index: int) -> dict:
         return _strategy(self.engine_group, index)
 
+    def learner_threads(self) -> list[int]:
+        """CPU threads for each learner rank of a GPU run, from the nodes Ray placed them on."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        nodes = {n["NodeID"]: int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"]}
+        learner_nodes = list(placement_group_table(self.learner_group)["bundles_to_node_id"].values())
+        engine_nodes = list(placement_group_table(self.engine_group)["bundles_to_node_id"].values())
+        return [learner_threads(nodes.get(node, 1), learner_nodes.count(node), engine_nodes.count(node))
+                for node in learner_nodes]
+
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
@@ -73,6 +84,13 @@ def reserve(plan: PlacementPlan, *, name: str, timeout_s: float = 120.0) -> Plac
             f"the cluster cannot place the run within {timeout_s:.0f}s: learner needs {plan.learner_bundles}, "
             f"engines need {plan.engine_bundles}; cluster has {ray.cluster_resources()}")
     return Placement(learner, engines)
+
+
+def learner_threads(node_cpus: int, learners_on_node: int, engines_on_node: int) -> int:
+    """Torch and OpenMP threads per learner rank on a GPU node: the node's cores less one per engine
+    (its scheduler), shared by the node's ranks. Ray's one logical CPU per actor would otherwise
+    set OMP_NUM_THREADS=1, holding the offloaded optimizer step of ~4.5B parameters to one core."""
+    return max(1, (node_cpus - engines_on_node) // max(1, learners_on_node))
 
 
 def _strategy(group, index: int) -> dict:

@@ -22,7 +22,7 @@ from cluster.sync_verify import probe_token_ids, probe_tolerance, verify_sync
 from cluster.transport import WeightSyncError
 from conf.errors import EnvironmentSetupError, RoleLostError
 from conf.schema import Config, JudgeServiceConfig, SyncFaultConfig
-from learner.settings import DTYPES, LearnerSettings
+from learner.settings import DTYPES, LearnerSettings, resolve_optimizer
 from learner.worker import LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
 from reward.cache import JudgeCache
 from reward.components import RewardParams
@@ -247,16 +247,16 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     names = [f"{run_name}/{role}-{i}" for role, n in (("learner", cfg.learner.world_size),
              ("rollout", cfg.rollout.num_engines), ("reward", cfg.judge.num_workers)) for i in range(n)]
     _wait_until_released([*names, f"{run_name}/judge-limiter"], output_dir)
-    threads = _threads(cfg)
     gpu = 1 if cfg.trainer.device == "cuda" else 0
     settings = learner_settings(cfg, model_path=model_path, pad_token_id=pad_token_id)
     world = cfg.learner.world_size
     placement = reserve(placement_plan(cfg), name=run_name)
     master = ray.get(_rendezvous_address.options(**placement.learner(0)).remote())
+    threads = placement.learner_threads() if gpu else [_threads(cfg)] * world
     learners = [
         _LearnerActor.options(name=f"{run_name}/learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu,
                               **placement.learner(r))
-        .remote(settings, r, world, *master, num_threads=threads)
+        .remote(settings, r, world, *master, num_threads=threads[r])
         for r in range(world)
     ]
     rollouts = start_rollouts(cfg, model_path, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
@@ -266,6 +266,7 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
                   sync=weight_sync_settings(cfg), probe=(probe_token_ids(AutoTokenizer.from_pretrained(model_path)),
                                                          cfg.rollout.sampling.temperature))
     _form_weight_group(cfg, roles)
+    print(ray.get(learners[0].startup_line.remote()))
     return roles
 
 
@@ -282,6 +283,7 @@ def learner_settings(cfg: Config, *, model_path: str, pad_token_id: int) -> Lear
         offload_optimizer=lr.offload_optimizer, offload_params=lr.offload_params, tis_cap=algo.tis_cap,
         total_steps=cfg.trainer.total_steps, warmup_steps=lr.warmup_steps, lr_schedule=lr.lr_schedule,
         min_lr_ratio=lr.min_lr_ratio,
+        optimizer=resolve_optimizer(lr.optimizer, device=cfg.trainer.device, offload_optimizer=lr.offload_optimizer),
     )
 
 

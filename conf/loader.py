@@ -194,6 +194,9 @@ def validate(c: Config) -> None:
     _check(l.logprob_chunk_tokens >= 0, "learner.logprob_chunk_tokens", "must be >= 0 (0 = unchunked)")
     _check(not l.offload_optimizer or l.zero_stage >= 1, "learner.offload_optimizer", "needs learner.zero_stage >= 1")
     _check(not l.offload_params or l.zero_stage == 3, "learner.offload_params", "needs learner.zero_stage=3")
+    _one_of(l.optimizer, "learner.optimizer", ("auto", "torch_adamw", "cpu_adam"))
+    _check(l.optimizer != "cpu_adam" or l.offload_optimizer, "learner.optimizer",
+           "cpu_adam steps an optimizer state held in CPU memory: it needs learner.offload_optimizer=true")
     _check(c.rollout.stream_chunk >= 0, "rollout.stream_chunk", "must be >= 0 (0 = one engine call)")
     _check(c.rollout.max_staleness <= 1, "rollout.max_staleness",
            "must be 0 (on-policy) or 1 (generation of step k+1 overlaps training of step k)")

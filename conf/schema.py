@@ -107,6 +107,7 @@ class LearnerConfig:
     logprob_chunk_tokens: int = 1024  # sequence positions per logits chunk (vocab x chunk, never vocab x seq)
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
+    optimizer: str = "auto"  # auto (cpu_adam when offloading on cuda, else torch_adamw) | torch_adamw | cpu_adam
 
 
 @dataclass

@@ -9,7 +9,20 @@ import torch
 from learner.lr_schedule import learning_rate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# learner.optimizer: auto = DeepSpeed's CPU Adam where ZeRO offloads the optimizer to a GPU run's
+# host (vectorised C++ over every core; torch's AdamW steps parameter by parameter), torch AdamW
+# everywhere else (CPU Adam compiles on first use, ~90 s on 2 cores: not worth it for tiny runs).
+OPTIMIZERS = ("auto", "torch_adamw", "cpu_adam")
 
+
+def resolve_optimizer(choice: str, *, device: str, offload_optimizer: bool) -> str:
+    """The optimizer learner.optimizer names on this device: torch_adamw or cpu_adam."""
+    if choice == "auto":
+        return "cpu_adam" if offload_optimizer and device == "cuda" else "torch_adamw"
+    if choice == "cpu_adam" and not offload_optimizer:
+        raise ValueError("learner.optimizer=cpu_adam steps an optimizer state held in CPU memory: it needs "
+                         "learner.offload_optimizer=true")
+    return choice
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class LearnerSettings:
     warmup_steps: int = 0
     lr_schedule: str = "constant"
     min_lr_ratio: float = 0.0
+    optimizer: str = "torch_adamw"  # resolved: torch_adamw | cpu_adam (resolve_optimizer)
 
     def lr_at(self, step: int) -> float:
         return learning_rate(step, lr=self.lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
@@ -67,8 +81,19 @@ def deepspeed_config(s: LearnerSettings) -> dict:
         "bf16": {"enabled": s.dtype == "bfloat16"},
         "fp16": {"enabled": s.dtype == "float16"},
         "zero_allow_untested_optimizer": True,
-        # Offload with our torch AdamW: DeepSpeed refuses a client optimizer there unless told so
-        # (its own CPU Adam compiles C++ on first use, ~80 s).
-        "zero_force_ds_cpu_optimizer": False,
+        # Offload with torch AdamW: DeepSpeed refuses a client optimizer there unless told so.
+        "zero_force_ds_cpu_optimizer": s.optimizer == "cpu_adam",
         "steps_per_print": 10**9,
     }
+
+
+def build_optimizer(parameters, s: LearnerSettings) -> torch.optim.Optimizer:
+    """The AdamW the DeepSpeed engine steps (ZeRO wraps it; the lr is set per step)."""
+    if s.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(parameters, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, adamw_mode=True)
+    if s.optimizer != "torch_adamw":
+        raise ValueError(f"LearnerSettings.optimizer={s.optimizer!r}: expected torch_adamw or cpu_adam "
+                         "(resolve learner.optimizer with resolve_optimizer)")
+    return torch.optim.AdamW(parameters, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)

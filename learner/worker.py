@@ -14,7 +14,7 @@ from conf.errors import WeightSyncError
 from learner.grpo import policy_loss, truncated_importance_weights
 from learner.logprobs import PolicyLogprobs, token_logprobs  # noqa: F401  (token_logprobs: re-exported)
 from learner.microbatch import pack_micro_batches
-from learner.settings import DTYPES, LearnerSettings, deepspeed_config
+from learner.settings import DTYPES, LearnerSettings, build_optimizer, deepspeed_config
 
 def flush_denormals() -> None:
     """Flush float32 denormals to zero, process-wide: AdamW moments of rarely seen tokens decay
@@ -138,8 +138,8 @@ class LearnerWorker:
         from cluster.netutil import bound_tcp_store
 
         self.s, self.rank, self.world_size = settings, rank, world_size
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        self.num_threads = num_threads or torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
         flush_denormals()
         self.device = torch.device(settings.device if settings.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
@@ -156,8 +156,7 @@ class LearnerWorker:
         model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=DTYPES[settings.dtype])
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
-                                      weight_decay=settings.weight_decay)
+        optimizer = build_optimizer(model.parameters(), settings)
         # The engine's forward returns token logprobs: DeepSpeed's per-forward bookkeeping and its
         # backward prologue then cover the chunked logits too (calling the decoder around the
         # engine would skip them, and ZeRO would mis-accumulate gradients).
@@ -167,10 +166,23 @@ class LearnerWorker:
         self.policy = self.engine.module.causal_lm  # the Hugging Face model, parameters shared with the engine
         self.transport = None
 
+    def startup_line(self) -> str:
+        """This rank's optimizer, threads and the kernel path of each layer type of the model."""
+        from learner.kernels import kernel_line, model_kernel_paths
+
+        optimizer = {"cpu_adam": "DeepSpeed CPU Adam", "torch_adamw": "torch AdamW"}[self.s.optimizer]
+        state = "offloaded to CPU memory" if self.s.offload_optimizer else f"on {self.device.type}"
+        return (f"learner: {self.world_size} rank(s), ZeRO-{self.s.zero_stage}, {self.s.dtype}; optimizer {optimizer} "
+                f"(state {state}); {self.num_threads} CPU threads per rank\n"
+                + kernel_line(model_kernel_paths(self.policy), self.s.device))
+
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step over this rank's share of the batch. Returns sums and counts that
         Roles.train adds up over ranks (see combine_rank_metrics)."""
         self.engine.train()
+        # Per call: OpenMP's thread count is per calling thread, and Ray's OMP_NUM_THREADS=1 (one
+        # logical CPU per actor) would otherwise hold an offloaded optimizer step to one core.
+        torch.set_num_threads(self.num_threads)
         total_tokens = batch.num_tokens
         sums = {"loss": 0.0, "policy_tokens": 0.0, "clipped_tokens": 0.0, "ratio_max": 0.0,
                 "logprob_diff_sum": 0.0, "logprob_diff_tokens": 0.0, "engine_kl_sum": 0.0,

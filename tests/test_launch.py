@@ -155,6 +155,9 @@ def test_polaris_check_prints_the_memory_plan_and_refuses_one_that_cannot_fit(tm
     [sync] = [line for line in proc.stdout.splitlines() if line.startswith("plan: weight sync")]
     assert sync == ("plan: weight sync (GiB): learner rank 0 3.79 in 2 send buffers + 1.89 gathered parameter; "
                     "every engine worker 3.79 in 2 receive buffers + 0.41 for the layer being reloaded")
+    [kernels] = [line for line in proc.stdout.splitlines() if line.startswith("kernels: ")]
+    assert "linear_attention -> chunk_gated_delta_rule=" in kernels and "full_attention -> sdpa" in kernels
+    assert "learner: optimizer cpu_adam (learner.optimizer=auto)" in proc.stdout
     if proc.returncode:  # on a machine without the run's GPU, the device check comes after the plan
         assert_one_error(proc.stderr, ["no GPU is visible"])
     proc, _ = run_launch(["conf=polaris", "mode=check", "learner.offload_optimizer=false", *data], tmp_path, key)

@@ -36,7 +36,12 @@ def runs(tmp_path_factory, ray_address, tiny35_model_path):
     """Three steps straight, and the same run stopped after two and resumed for the third."""
     root = tmp_path_factory.mktemp("tiny35")
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny35_model_path).parent), "WANDB_MODE": "offline"}
-    launch([f"trainer.output_dir={root / 'straight'}", "trainer.total_steps=3", "trainer.save_every=1"], env)
+    straight = launch([f"trainer.output_dir={root / 'straight'}", "trainer.total_steps=3", "trainer.save_every=1"], env)
+    # the learner's start-up lines: its optimizer and threads, and the kernel path per layer type
+    assert "optimizer torch AdamW (state on cpu)" in straight.stdout, straight.stdout[-3000:]
+    assert ("kernels: linear_attention -> chunk_gated_delta_rule=torch reference (flash-linear-attention not "
+            "installed), causal_conv1d_fn=torch reference (causal-conv1d not installed); full_attention -> sdpa\n"
+            in straight.stdout)
     launch([f"trainer.output_dir={root / 'resumed'}", "trainer.total_steps=2", "trainer.save_every=1"], env)
     resumed = launch([f"trainer.output_dir={root / 'resumed'}", "trainer.total_steps=3", "trainer.save_every=1"], env)
     assert "resume: from" in resumed.stdout

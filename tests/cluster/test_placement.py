@@ -33,3 +33,11 @@ def test_vllm_engines_on_a_cpu_node_bind_to_cores_of_their_own():
     assert [engine_cpu_cores(i, 2, cores=2) for i in range(2)] == ["0", "1"]
     assert [engine_cpu_cores(i, 2, cores=8) for i in range(2)] == ["0-3", "4-7"]
     assert [engine_cpu_cores(i, 3, cores=2) for i in range(3)] == ["0", "1", "0"]
+
+
+def test_learner_ranks_on_a_gpu_node_share_its_cores_less_one_per_engine():
+    from cluster.placement import learner_threads
+
+    assert learner_threads(16, learners_on_node=2, engines_on_node=2) == 7  # the H200 box of conf=polaris
+    assert learner_threads(128, learners_on_node=4, engines_on_node=0) == 32  # a learner-only node
+    assert learner_threads(2, learners_on_node=4, engines_on_node=4) == 1  # never below one

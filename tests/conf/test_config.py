@@ -81,6 +81,8 @@ BAD = [
     (["eval.judge.budget_usd=5"], ["eval.judge.budget_usd", "removed: it never had an effect", "judge.budget_usd"]),
     (["learner.lr_schedule=exponential"], ["learner.lr_schedule", "constant, linear, cosine"]),
     (["learner.min_lr_ratio=2"], ["learner.min_lr_ratio", "[0, 1]"]),
+    (["learner.optimizer=sgd"], ["learner.optimizer", "auto, torch_adamw, cpu_adam"]),
+    (["learner.optimizer=cpu_adam"], ["learner.optimizer", "learner.offload_optimizer=true"]),
     (["weight_sync.timeout_s=0"], ["weight_sync.timeout_s", "> 0"]),
     (["weight_sync.verify=-1"], ["weight_sync.verify", "N = first and every N-th"]),
     (["weight_sync.fault.kind=explode"], ["weight_sync.fault.kind", "engine_dies", "learner_dies"]),

@@ -337,6 +337,7 @@ PROBES: dict[str, Probe] = {
         ("micro_batch_size", "4"), ("max_tokens_per_micro_batch", "4096"), ("logprob_chunk_tokens", "256"),
         ("offload_optimizer", "true"))},
     "learner.offload_params": P("true", learner, conf="polaris"),
+    "learner.optimizer": P("torch_adamw", learner, conf="polaris"),
     **{f"reward.{k}": P(v, rewards) for k, v in (
         ("weights.self_rep", "1.0"), ("weights.length", "0.5"), ("weights.blank", "0.5"),
         ("val_weights.self_rep", "1.0"), ("val_weights.length", "0.5"), ("val_weights.blank", "0.5"),

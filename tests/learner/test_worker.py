@@ -46,6 +46,20 @@ def test_denormals_are_flushed_without_numpy_warning_that_its_smallest_subnormal
     proc = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
+def test_cpu_adam_is_chosen_for_an_offloading_gpu_run_only(learner_settings):
+    from learner.settings import resolve_optimizer
+
+    assert resolve_optimizer("auto", device="cuda", offload_optimizer=True) == "cpu_adam"
+    assert resolve_optimizer("auto", device="cuda", offload_optimizer=False) == "torch_adamw"
+    assert resolve_optimizer("auto", device="cpu", offload_optimizer=True) == "torch_adamw"  # no 90 s build for tiny
+    assert resolve_optimizer("torch_adamw", device="cuda", offload_optimizer=True) == "torch_adamw"
+    with pytest.raises(ValueError, match="learner.offload_optimizer=true"):
+        resolve_optimizer("cpu_adam", device="cuda", offload_optimizer=False)
+    # DeepSpeed takes our torch AdamW for an offloaded state only when told to
+    ds = {o: deepspeed_config(learner_settings(offload_optimizer=True, optimizer=o)) for o in ("torch_adamw", "cpu_adam")}
+    assert ds["torch_adamw"]["zero_force_ds_cpu_optimizer"] is False and ds["cpu_adam"]["zero_force_ds_cpu_optimizer"] is True
+
+
 def test_offload_is_refused_where_the_zero_stage_cannot_do_it(learner_settings):
     settings = learner_settings
     with pytest.raises(ValueError, match="learner.offload_optimizer"):
@@ -156,13 +170,19 @@ def reference_step(build_worker):
     {"zero_stage": 1, "offload_optimizer": True},
     {"zero_stage": 2, "offload_optimizer": True, "gradient_checkpointing": True},
     {"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "gradient_checkpointing": True},
-], ids=["zero1-offload", "zero2-offload-ckpt", "zero3-offload-all-ckpt"])
+    # what learner.optimizer=auto picks for an offloading GPU run (its C++ op builds once, ~90 s)
+    {"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "optimizer": "cpu_adam"},
+], ids=["zero1-offload", "zero2-offload-ckpt", "zero3-offload-all-ckpt", "zero3-offload-cpu-adam"])
 def test_chunked_logits_token_budgets_and_offload_take_the_same_step(build_worker, reference_step, variant):
+    """Every variant against torch AdamW on ZeRO-2 without offload, DeepSpeed's CPU Adam included."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
     rows, expected, expected_logprobs = reference_step
     worker = build_worker(logprob_chunk_tokens=8, max_tokens_per_micro_batch=40, **variant)
     optimizer = worker.engine.optimizer
     assert getattr(optimizer, "cpu_offload", None) or getattr(optimizer, "offload_optimizer", None)
-    assert isinstance(worker.engine.basic_optimizer, torch.optim.AdamW)  # ours, not DeepSpeed's CPU Adam
+    stepped_by = DeepSpeedCPUAdam if variant.get("optimizer") == "cpu_adam" else torch.optim.AdamW
+    assert type(worker.engine.basic_optimizer) is stepped_by
 
     metrics = worker.train_step(TrainBatch(rows, step=1))
 

@@ -1,0 +1,94 @@
+"""Which kernel each layer type of the policy runs in training, as transformers resolved it.
+
+transformers picks the linear-attention kernels when its modeling module is imported: the
+flash-linear-attention package's Triton gated delta rule and the causal-conv1d package's short
+convolution when they are installed (`./install.sh gpu` tries both: the `gpu-kernels` extra), its
+own torch reference code when not. The reference is correct but, on an H100, more than an
+order of magnitude slower for the delta rule, so a GPU run on it is worth a loud line.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+# The kernels a training forward and backward call (the decode-step ones matter to engines only).
+TRAINING_KERNELS = {"chunk_gated_delta_rule": "flash-linear-attention", "causal_conv1d_fn": "causal-conv1d"}
+PACKAGE_NAMES = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
+
+
+def modeling_module_name(model_type: str) -> str:
+    """transformers' modeling module for a config's model_type ("qwen3_5" -> ...modeling_qwen3_5)."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    name = model_type_to_module_name(model_type)
+    return f"transformers.models.{name}.modeling_{name}"
+
+
+def resolved_kernels(module) -> dict[str, str]:
+    """{kernel name: the package it runs from, or "torch"} for every kernel of the module that
+    transformers resolves at import (its use_kernel_func_from_hub_with_fallback functions)."""
+    found = {}
+    for value in vars(module).values():
+        if not inspect.isfunction(value):
+            continue
+        try:
+            scope = inspect.getclosurevars(value).nonlocals
+        except (TypeError, ValueError):
+            continue
+        if "func_name" in scope and "is_new_implementation" in scope:
+            package = scope.get("package", "?")
+            found[scope["func_name"]] = PACKAGE_NAMES.get(package, package) if scope["is_new_implementation"] else "torch"
+    return found
+
+
+def kernel_paths(module_name: str, layer_types: list[str], attention: str) -> dict[str, str]:
+    """{layer type: how its training forward runs}, e.g. {"linear_attention": "flash-linear-attention
+    chunk_gated_delta_rule + causal-conv1d causal_conv1d_fn", "full_attention": "sdpa"}."""
+    paths = {}
+    for layer_type in dict.fromkeys(layer_types):
+        if layer_type == "linear_attention":
+            kernels = resolved_kernels(importlib.import_module(module_name))
+            parts = []
+            for kernel, package in TRAINING_KERNELS.items():
+                runs = kernels.get(kernel, "unknown")
+                parts.append(f"{kernel}={runs}" if runs != "torch" else f"{kernel}=torch reference ({package} not installed)")
+            paths[layer_type] = ", ".join(parts)
+        else:
+            paths[layer_type] = attention
+    return paths
+
+
+def uses_reference_kernels(paths: dict[str, str]) -> bool:
+    return any("torch reference" in p for p in paths.values())
+
+
+def kernel_line(paths: dict[str, str], device: str) -> str:
+    text = "kernels: " + "; ".join(f"{layer} -> {path}" for layer, path in paths.items())
+    if device == "cuda" and uses_reference_kernels(paths):
+        text += (" -- the torch reference is much slower on GPU (>10x for the delta rule); "
+                 "`./install.sh gpu` installs the gpu-kernels extra")
+    return text
+
+
+def config_kernel_paths(hf_config: dict, attention: str = "sdpa") -> dict[str, str]:
+    """kernel_paths of a config.json dict (Qwen3.5 nests its layer types under text_config), as
+    this machine would run it; attention: what from_pretrained picks by default."""
+    text = hf_config.get("text_config") or hf_config
+    return kernel_paths(modeling_module_name(hf_config["model_type"]),
+                        list(text.get("layer_types") or ["full_attention"]), attention)
+
+
+def model_kernel_paths(model) -> dict[str, str]:
+    """kernel_paths of a loaded transformers model."""
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    return kernel_paths(type(model).__module__, list(getattr(text, "layer_types", None) or ["full_attention"]),
+                        config._attn_implementation or "eager")
+
+
+def planned_kernel_line(model_path: str, device: str) -> str:
+    """The kernel line for a model by name or folder, as this machine's packages would run it (each
+    learner rank prints its own at start: its node may have other packages)."""
+    from learner.model_shapes import model_config
+
+    return kernel_line(config_kernel_paths(model_config(model_path)), device) + " [this machine]"

@@ -1,0 +1,51 @@
+"""The kernel line: what transformers resolved for each layer type, read from its own modules."""
+import types
+
+from learner.kernels import config_kernel_paths, kernel_line, kernel_paths, model_kernel_paths, resolved_kernels
+from learner.model_shapes import model_config
+
+
+def test_this_cpu_install_runs_qwen3_5_linear_attention_on_the_torch_reference():
+    paths = config_kernel_paths(model_config("Qwen/Qwen3.5-9B"))
+    assert list(paths) == ["linear_attention", "full_attention"]
+    assert paths["linear_attention"] == ("chunk_gated_delta_rule=torch reference (flash-linear-attention not installed), "
+                                         "causal_conv1d_fn=torch reference (causal-conv1d not installed)")
+    assert paths["full_attention"] == "sdpa"
+
+
+def test_a_kernel_package_that_is_installed_is_reported_as_the_path():
+    """transformers' own resolver, given a package that is present (json stands in for fla): the
+    line names the package, not the reference."""
+    from transformers.integrations import use_kernel_func_from_hub_with_fallback
+
+    module = types.ModuleType("stand_in_modeling")
+
+    @use_kernel_func_from_hub_with_fallback("dumps", "json")
+    def torch_dumps(obj):
+        raise AssertionError("the reference ran although the package is installed")
+
+    @use_kernel_func_from_hub_with_fallback("chunk_gated_delta_rule", "no_such_package_here")
+    def torch_chunk(query):
+        return query
+
+    module.torch_dumps, module.torch_chunk = torch_dumps, torch_chunk
+    assert resolved_kernels(module) == {"dumps": "json", "chunk_gated_delta_rule": "torch"}
+    assert module.torch_dumps([1]) == "[1]"
+
+
+def test_only_a_gpu_run_on_the_reference_gets_the_warning():
+    paths = {"linear_attention": "chunk_gated_delta_rule=torch reference (flash-linear-attention not installed)",
+             "full_attention": "sdpa"}
+    assert "much slower on GPU" in kernel_line(paths, "cuda") and "gpu-kernels" in kernel_line(paths, "cuda")
+    assert kernel_line(paths, "cpu") == ("kernels: linear_attention -> chunk_gated_delta_rule=torch reference "
+                                         "(flash-linear-attention not installed); full_attention -> sdpa")
+    fast = {"linear_attention": "chunk_gated_delta_rule=flash-linear-attention", "full_attention": "sdpa"}
+    assert "slower" not in kernel_line(fast, "cuda")
+
+
+def test_a_plain_transformer_has_one_layer_type(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert model_kernel_paths(model) == {"full_attention": model.config._attn_implementation}
+    assert kernel_paths("transformers.models.qwen3.modeling_qwen3", ["full_attention"], "eager") == {"full_attention": "eager"}
