@@ -36,10 +36,11 @@ def check_inputs(cfg: Config):
 
         from learner.kernels import planned_kernel_line
         from learner.memory_plan import startup_plan
+        from learner.model_shapes import run_model_name
         from learner.settings import resolve_optimizer
 
         print(startup_plan(cfg))  # refuses a plan that cannot fit, with the numbers
-        print(planned_kernel_line(cfg.model.path, cfg.trainer.device))
+        print(planned_kernel_line(run_model_name(cfg.model), cfg.trainer.device))
         optimizer = resolve_optimizer(cfg.learner.optimizer, device="cuda", offload_optimizer=cfg.learner.offload_optimizer)
         print(f"learner: optimizer {optimizer} (learner.optimizer={cfg.learner.optimizer}), CPU threads per rank: "
               "the node's cores less one per engine, shared by the node's ranks")

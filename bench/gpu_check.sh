@@ -39,6 +39,9 @@ if [[ -n "$wheels" ]]; then
   site="$(mktemp -d /tmp/gpu_check_site.XXXX)"
   "$PY" -m pip install --quiet --no-index --no-deps --target "$site" "$wheels"/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
+  # The carried DeepSpeed's sources lie here, so its CPU Adam build would evict the one cached
+  # for the venv's DeepSpeed (torch keys the build folder by op name only).
+  export TORCH_EXTENSIONS_DIR="$site/torch_extensions"
 fi
 if [[ $quiet == 0 ]] && command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader

@@ -57,6 +57,18 @@ def _identity(name: str) -> str:
     return name
 
 
+def engine_parameters(model, checkpoint_names: bool = True) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every tensor the engines load from a transformers model, under
+    checkpoint names (vLLM) or the model's own (the HF engine). A tied head goes too, under
+    lm_head.weight: vLLM does not reload a head it never receives, and on CPU its packed copy of
+    the head would keep the first weights."""
+    rename = checkpoint_name_mapper(model.config.model_type) if checkpoint_names else _identity
+    sent = [(rename(name), param) for name, param in model.named_parameters()]
+    if getattr(model.config, "tie_word_embeddings", False) and all(n != "lm_head.weight" for n, _ in sent):
+        sent.append(("lm_head.weight", model.get_input_embeddings().weight))
+    return sent
+
+
 # Parameters vLLM 0.32 creates in float32 whatever the model's dtype: the Gated DeltaNet layer's
 # A_log (vllm/model_executor/layers/mamba/gdn/qwen_gdn_linear_attn.py; tests/cluster/test_names.py
 # reads that source). Cast to the model dtype on arrival, they would lose precision for nothing.

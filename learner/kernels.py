@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import time
+import warnings
 
 # The kernels a training forward and backward call (the decode-step ones matter to engines only).
 TRAINING_KERNELS = {"chunk_gated_delta_rule": "flash-linear-attention", "causal_conv1d_fn": "causal-conv1d"}
@@ -92,3 +95,37 @@ def planned_kernel_line(model_path: str, device: str) -> str:
     from learner.model_shapes import model_config
 
     return kernel_line(config_kernel_paths(model_config(model_path)), device) + " [this machine]"
+
+
+def clear_stale_build_lock(op_name: str, stale_after_s: float = 60.0) -> bool:
+    """Remove the lock file a killed JIT build of a native op (DeepSpeed's CPU Adam) left behind.
+
+    torch guards an extension's build folder with a bare lock file and makes every later build wait
+    while it exists, forever when its builder was killed. A lock is stale when it is older than
+    stale_after_s and no process works in the folder (the build's ninja and compilers do).
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = os.path.realpath(_get_build_directory(op_name, verbose=False))
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return False
+    if age < stale_after_s or _a_process_works_in(build_dir):
+        return False
+    os.remove(lock)
+    warnings.warn(f"removed a stale build lock {lock} ({age:.0f} s old, no build running): "
+                  f"an earlier build of {op_name} was killed", stacklevel=2)
+    return True
+
+
+def _a_process_works_in(folder: str) -> bool:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.path.realpath(f"/proc/{pid}/cwd") == folder:
+                    return True
+            except OSError:
+                continue
+    return False

@@ -325,12 +325,12 @@ def startup_plan(cfg) -> str:
     the run's GPUs, e.g. `mode=check` on a laptop)."""
     import torch
 
-    from learner.model_shapes import model_config
+    from learner.model_shapes import model_config, run_model_name
 
     gib = cfg.trainer.gpu_memory_gib
     if torch.cuda.is_available():
         gib = torch.cuda.get_device_properties(0).total_memory / GIB
-    plan = plan_from_config(cfg, model_config(cfg.model.path), gib)
+    plan = plan_from_config(cfg, model_config(run_model_name(cfg.model)), gib)
     text = format_plan(plan) + "\n" + sync_line(plan)
     check(plan)
     return text

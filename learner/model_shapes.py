@@ -66,7 +66,24 @@ _TINY = {
     "tie_word_embeddings": True,
 }
 
-MODEL_CONFIGS: dict[str, dict] = {"Qwen/Qwen3.5-9B": _QWEN3_5_9B, "tiny": _TINY}
+# conf=tiny35's model (model.tiny.architecture=qwen3_5): 4 layers, 3 Gated DeltaNet to 1 full, untied.
+_TINY_QWEN3_5 = {
+    "model_type": "qwen3_5_text", "vocab_size": 8192, "hidden_size": 192, "intermediate_size": 512,
+    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 48,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"], "linear_conv_kernel_dim": 4,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 48, "linear_value_head_dim": 48,
+    "tie_word_embeddings": False,
+}
+
+MODEL_CONFIGS: dict[str, dict] = {"Qwen/Qwen3.5-9B": _QWEN3_5_9B, "tiny": _TINY, "tiny:qwen3_5": _TINY_QWEN3_5}
+
+
+def run_model_name(model_cfg) -> str:
+    """model_config's name for a run's model (conf.schema.ModelConfig): its path, or for the
+    locally built model the shape of its architecture."""
+    if model_cfg.path != "tiny" or model_cfg.tiny.architecture == "qwen3":
+        return model_cfg.path
+    return f"tiny:{model_cfg.tiny.architecture}"
 
 
 def model_config(path_or_name: str) -> dict:

@@ -294,14 +294,9 @@ class LearnerWorker:
         return [(name, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for name, p in self._sent_parameters()]
 
     def _sent_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        from cluster.names import checkpoint_name_mapper
+        from cluster.names import engine_parameters
 
-        module = self.policy
-        rename = checkpoint_name_mapper(module.config.model_type) if self.s.checkpoint_names else (lambda n: n)
-        sent = [(rename(name), param) for name, param in module.named_parameters()]
-        if getattr(module.config, "tie_word_embeddings", False) and all(n != "lm_head.weight" for n, _ in sent):
-            sent.append(("lm_head.weight", module.get_input_embeddings().weight))  # vLLM keeps its own head otherwise
-        return sent
+        return engine_parameters(self.policy, self.s.checkpoint_names)
 
     # --- weight broadcast (rank 0 only) ---
     def init_weight_sync(self, backend: str, host: str, port: int, world_size: int, bucket_mb: float,

@@ -3,6 +3,7 @@ attention) through the HF engine, the weight broadcast, checkpoints and an exact
 export (the text model, and the multimodal checkpoint with a base model's vision tower) and
 mode=eval. (The learner under ZeRO 1 and 3: tests/learner/test_worker.py; vLLM's names, stacked
 projections and float32 parameters: tests/cluster/test_names.py.)"""
+import dataclasses
 import json
 import os
 import subprocess
@@ -118,3 +119,15 @@ def test_mode_eval_runs_on_an_exported_tiny35(runs, tmp_path):
     proc = launch(["mode=eval", f"eval.checkpoint={tmp_path / 'policy'}", f"trainer.output_dir={tmp_path / 'out'}"], env)
     stories = [json.loads(line) for line in (tmp_path / "out" / "eval" / "policy" / "generations.jsonl").open()]
     assert len(stories) == 24 and all(s["judgment"] is not None for s in stories), proc.stdout[-2000:]
+
+
+def test_the_planned_shape_of_tiny35_is_the_built_model_s(tiny35_model_path):
+    """mode=check plans conf=tiny35 before building it: from the table, which must match the build."""
+    from conf import load_config
+    from learner.model_shapes import ModelShape, model_config, run_model_name
+
+    cfg = load_config(["conf=tiny35"])
+    planned = ModelShape.from_hf_config(model_config(run_model_name(cfg.model)))
+    built = ModelShape.from_hf_config(json.loads((Path(tiny35_model_path) / "config.json").read_text()))
+    assert built.vocab_size <= planned.vocab_size  # the table bounds the trained tokenizer's size
+    assert planned == dataclasses.replace(built, vocab_size=planned.vocab_size)

@@ -1,7 +1,12 @@
 """The kernel line: what transformers resolved for each layer type, read from its own modules."""
+import os
+import subprocess
+import time
 import types
 
-from learner.kernels import config_kernel_paths, kernel_line, kernel_paths, model_kernel_paths, resolved_kernels
+import pytest
+
+from learner.kernels import clear_stale_build_lock, config_kernel_paths, kernel_line, kernel_paths, model_kernel_paths, resolved_kernels
 from learner.model_shapes import model_config
 
 
@@ -49,3 +54,29 @@ def test_a_plain_transformer_has_one_layer_type(tiny_model_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     assert model_kernel_paths(model) == {"full_attention": model.config._attn_implementation}
     assert kernel_paths("transformers.models.qwen3.modeling_qwen3", ["full_attention"], "eager") == {"full_attention": "eager"}
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_ones_kept(tmp_path, monkeypatch):
+    """torch waits forever on an extension's lock file: a killed build's must go, a running one's stay."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = _get_build_directory("some_op", verbose=False)
+    lock = os.path.join(build_dir, "lock")
+    open(lock, "w").close()
+    assert not clear_stale_build_lock("some_op")  # fresh: its builder may be writing build.ninja
+    assert os.path.exists(lock)
+
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    compiler = subprocess.Popen(["sleep", "30"], cwd=build_dir)  # a build's ninja works in the folder
+    try:
+        assert not clear_stale_build_lock("some_op")
+        assert os.path.exists(lock)
+    finally:
+        compiler.kill()
+        compiler.wait()
+    with pytest.warns(UserWarning, match="stale build lock"):
+        assert clear_stale_build_lock("some_op")
+    assert not os.path.exists(lock)
+    assert not clear_stale_build_lock("some_op")
