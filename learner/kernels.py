@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 import time
 import warnings
 
@@ -95,6 +96,26 @@ def planned_kernel_line(model_path: str, device: str) -> str:
     from learner.model_shapes import model_config
 
     return kernel_line(config_kernel_paths(model_config(model_path)), device) + " [this machine]"
+
+
+DEEPSPEED_OPS = ("deepspeed_shm_comm", "cpu_adam")  # the C++ ops DeepSpeed JIT-builds for our learner
+
+
+def prepare_native_builds() -> None:
+    """Before DeepSpeed JIT-builds its C++ ops (its shared-memory collectives when it starts, CPU
+    Adam): build them with this interpreter's ninja, and clear the locks of builds that were killed.
+
+    torch runs the first `ninja` on PATH. A venv's Python run without activating the venv leaves
+    the system's ninja first (1.11 here) while Ray's workers get the venv's (1.13, PATH set by
+    cluster/connect.py); sharing one build folder, each took the other's build for a changed
+    command (their .ninja_log hashes alternate) and rebuilt the op, ~50 s per start on 2 cores.
+    """
+    tools = os.path.dirname(sys.executable)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if os.path.exists(os.path.join(tools, "ninja")) and path[:1] != [tools]:
+        os.environ["PATH"] = os.pathsep.join([tools, *(p for p in path if p != tools)])
+    for op in DEEPSPEED_OPS:
+        clear_stale_build_lock(op)
 
 
 def clear_stale_build_lock(op_name: str, stale_after_s: float = 60.0) -> bool:

@@ -136,7 +136,9 @@ class LearnerWorker:
         from transformers import AutoModelForCausalLM
 
         from cluster.netutil import bound_tcp_store
+        from learner.kernels import prepare_native_builds
 
+        prepare_native_builds()  # before deepspeed builds its shared-memory op
         self.s, self.rank, self.world_size = settings, rank, world_size
         self.num_threads = num_threads or torch.get_num_threads()
         torch.set_num_threads(self.num_threads)

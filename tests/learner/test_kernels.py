@@ -1,12 +1,14 @@
 """The kernel line: what transformers resolved for each layer type, read from its own modules."""
 import os
+import shutil
 import subprocess
+import sys
 import time
 import types
 
 import pytest
 
-from learner.kernels import clear_stale_build_lock, config_kernel_paths, kernel_line, kernel_paths, model_kernel_paths, resolved_kernels
+from learner.kernels import clear_stale_build_lock, config_kernel_paths, prepare_native_builds, kernel_line, kernel_paths, model_kernel_paths, resolved_kernels
 from learner.model_shapes import model_config
 
 
@@ -80,3 +82,13 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_ones_kept(tmp
         assert clear_stale_build_lock("some_op")
     assert not os.path.exists(lock)
     assert not clear_stale_build_lock("some_op")
+
+
+def test_deepspeed_ops_build_with_this_interpreter_s_ninja(monkeypatch):
+    """Two ninja versions sharing a build folder rebuild each other's ops: the venv's goes first."""
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    prepare_native_builds()
+    assert shutil.which("ninja") == os.path.join(os.path.dirname(sys.executable), "ninja")
+    assert os.environ["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]
+    prepare_native_builds()  # once first, it stays where it is
+    assert os.environ["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]
