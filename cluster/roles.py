@@ -415,14 +415,4 @@ def judge_settings(j: JudgeServiceConfig, base_url: str, *, evaluation: bool = F
 
 
 def reward_params(cfg: Config, *, validation: bool) -> RewardParams:
-    r = cfg.reward
-    w = r.val_weights if validation else r.weights
-    return RewardParams(
-        min_target=r.length.min_target, lo_frac=r.length.lo_frac, lo_min=r.length.lo_min, lo_max=r.length.lo_max,
-        hi_frac=r.length.hi_frac, hi_min=r.length.hi_min, hi_max=r.length.hi_max,
-        min_visible_ratio=r.blank_min_visible_ratio, min_words=r.blank_min_words,
-        w_self_rep=w.self_rep, w_length=w.length, w_blank=w.blank, w_judge_addressed=r.judge_addressed_penalty,
-        think_budget=r.think_budget_tokens, think_penalty=r.think_overflow_penalty,
-        trunc_start=r.truncation_start_tokens, trunc_scale=r.truncation_scale_tokens,
-        clip=r.token_clip, score_mode=r.score_mode,
-    )
+    return RewardParams.from_config(cfg.reward, validation=validation)

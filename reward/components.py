@@ -192,6 +192,20 @@ class RewardParams:
     score_mode: str = "sum"
 
     @classmethod
+    def from_config(cls, r, *, validation: bool = False) -> "RewardParams":
+        """From conf.schema's reward section (cfg.reward); validation: its val_weights."""
+        w = r.val_weights if validation else r.weights
+        return cls(
+            min_target=r.length.min_target, lo_frac=r.length.lo_frac, lo_min=r.length.lo_min, lo_max=r.length.lo_max,
+            hi_frac=r.length.hi_frac, hi_min=r.length.hi_min, hi_max=r.length.hi_max,
+            min_visible_ratio=r.blank_min_visible_ratio, min_words=r.blank_min_words,
+            w_self_rep=w.self_rep, w_length=w.length, w_blank=w.blank, w_judge_addressed=r.judge_addressed_penalty,
+            think_budget=r.think_budget_tokens, think_penalty=r.think_overflow_penalty,
+            trunc_start=r.truncation_start_tokens, trunc_scale=r.truncation_scale_tokens,
+            clip=r.token_clip, score_mode=r.score_mode,
+        )
+
+    @classmethod
     def validation(cls, **overrides) -> "RewardParams":
         """Validation weights: self_rep 0.8, length 0.2, blank 1.0 (other knobs as training)."""
         return replace(cls(w_self_rep=0.8, w_length=0.2, w_blank=1.0), **overrides)

@@ -288,3 +288,13 @@ def test_params_are_frozen_and_validation_keeps_other_knobs():
     assert v.think_budget == RewardParams().think_budget == 3072
     with pytest.raises(dataclasses.FrozenInstanceError):
         v.clip = 1.0
+
+
+def test_reward_params_come_from_the_config_s_reward_section():
+    from conf import load_config
+
+    r = load_config(["conf=tiny", "reward.weights.length=0.3", "reward.val_weights.length=0.1"]).reward
+    train, val = RewardParams.from_config(r), RewardParams.from_config(r, validation=True)
+    assert (train.min_target, train.lo_min, train.score_mode, train.trunc_start) == (20, 5, "mean", 240)
+    assert (train.w_length, val.w_length) == (0.3, 0.1)
+    assert val.w_self_rep == r.val_weights.self_rep and train.w_self_rep == r.weights.self_rep
