@@ -78,7 +78,11 @@ class HFEngine(RolloutEngine):
                  pad_token_id: int, max_batch_size: int = 64):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        from actors.hf_attention import grouped_sdpa
+
+        attention = grouped_sdpa() if device == "cpu" else None  # no KV-cache copy per decode step
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                          attn_implementation=attention).to(device).eval()
         self.device = device
         self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = pad_token_id
