@@ -66,8 +66,8 @@ def _start_vllm_here(ctx: Context) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _tiny35_built(architecture: str = "qwen3_5") -> Path:
-    """The tiny Qwen3.5 model with a short warm-up, in the shared model cache ($POLARIS_CACHE or
+def _tiny_built(architecture: str = "qwen3_5") -> Path:
+    """The tiny model (Qwen3.5-shaped by default) with a short warm-up, in the shared model cache ($POLARIS_CACHE or
     ~/.cache/polaris-rl, keyed by its build parameters): built once for every check and run."""
     from learner.tiny_model import build_tiny_model
 
@@ -79,7 +79,7 @@ def _tiny_in(architecture: str, dtype, scratch: Path) -> Path:
     learner's weights sent back must leave the engine exactly as it was."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    built, folder = _tiny35_built(architecture), scratch / "tiny"
+    built, folder = _tiny_built(architecture), scratch / "tiny"
     AutoModelForCausalLM.from_pretrained(built, dtype=dtype).save_pretrained(folder)
     AutoTokenizer.from_pretrained(built).save_pretrained(folder)
     return folder
@@ -443,7 +443,7 @@ def _launch_argv(output_dir: Path) -> list[str]:
     """Two steps of conf=tiny35 on GPUs with vLLM in bf16, the NCCL weight group, every sync checked
     by checksums and the probe (the model built with the short warm-up, not the run's 300 steps)."""
     return [sys.executable, str(ROOT / "launch.py"), "conf=tiny35", "trainer.device=cuda", "rollout.engine=vllm",
-            "model.dtype=bfloat16", f"model.path={_tiny35_built()}", "weight_sync.backend=nccl",
+            "model.dtype=bfloat16", f"model.path={_tiny_built()}", "weight_sync.backend=nccl",
             "weight_sync.verify=1", "trainer.total_steps=2", "trainer.eval_every=0", "trainer.progress_bar=false",
             f"trainer.output_dir={output_dir}"]
 

@@ -70,7 +70,7 @@ def client_cpu_ms_per_request(words: int, n: int = 40) -> tuple[float, float]:
     import subprocess
 
     from cluster.netutil import free_port
-    from cluster.roles import reward_params
+    from reward.components import RewardParams
     from conf import load_config
     from reward.components import score_response
     from reward.judge_client import JudgeSettings, make_judge
@@ -94,7 +94,7 @@ def client_cpu_ms_per_request(words: int, n: int = 40) -> tuple[float, float]:
     finally:
         server.terminate()
         server.wait(10)
-    params = reward_params(load_config(["conf=polaris", "judge.backend=local"]), validation=False)
+    params = RewardParams.from_config(load_config(["conf=polaris", "judge.backend=local"]).reward)
     t0 = time.process_time()
     for i in range(5):
         score_response(0.5, story(i, words), words, words * 4 // 3, 0, False, params)

@@ -29,19 +29,18 @@ where ours' pipeline drains). Rounds go ABBA (round 1: ours, floor; round 2: flo
 a round, step k of ours is paired with step k of the floor (the same prompts and, at zero judge
 latency, the same stories: the same work): ratio = the median of those per-step ratios over every
 round, ratio_spread = their interquartile range (p75 - p25); polaris_s, floor_s: medians over every
-round's steps; the per-round ratios of medians are printed too. Memory: every ~2 s the summed PSS (/proc/<pid>/smaps_rollup: shared pages
-once) of the launch.py child and all its descendants (GCS, raylet, agents, ray:: workers, any compiler
-DeepSpeed starts, wandb if on) plus any process naming the run's Ray session folder; the floor runs as
-a child of this script (--floor-child), measured alike. pss_gib: the peak from step 2 on;
-pss_peak_all_gib: over the whole run, start-up included.
-Last line: step_floor: polaris_s=<a> floor_s=<b> ratio=<median ours/floor> ratio_spread=<max - min>
+round's steps; the per-round ratios of medians are printed too. Memory and CPU (psutil), every ~2 s:
+the summed PSS (shared pages once) of the launch.py child and all its descendants (GCS, raylet,
+agents, ray:: workers, any compiler DeepSpeed starts, wandb if on); the floor runs as a child of this
+script (--floor-child), measured alike. pss_gib: the peak from step 2 on; pss_peak_all_gib: over the
+whole run, start-up included; cpu: each role's CPU seconds from step 2 on.
+Last line: step_floor: polaris_s=<a> floor_s=<b> ratio=<median per-step ours/floor> ratio_spread=<IQR>
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -50,61 +49,19 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["algorithm.hri.enable=false", "rollout.n=6", "trainer.eval_every=0", "trainer.progress_bar=false"]
 FIRST_MEASURED = 2
 
 
-# ---------------------------------------------------------------- memory (PSS of a process tree)
+# ---------------------------------------------------------------- memory and CPU of a process tree
 
-def _procs() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, start time in clock ticks) of every process now."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                rest = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            out[int(d)] = (int(rest[1]), int(rest[19]))
-    return out
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _label(pid: int) -> str:
-    argv = [os.path.basename(a) for a in _cmdline(pid) if a] or ["?"]
-    return " ".join(argv[1:3] if argv[0].startswith("python") else argv[:1])[:40]
-
-
-def _cpu_ticks(pid: int) -> int:
-    """User + system CPU time of a process so far, in clock ticks."""
-    try:
-        rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(rest[11]) + int(rest[12])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _role(pid: int) -> str:
-    """A process's role for the CPU breakdown: the Ray actor class (not its current method), the
-    Python script, or the program (gcs_server, raylet)."""
-    argv = [a for a in _cmdline(pid) if a] or ["?"]
+def _label(proc: psutil.Process) -> str:
+    """A process's role: the Ray actor class (not its current method), the Python script, or the
+    program (gcs_server, raylet)."""
+    argv = [a for a in proc.cmdline() if a] or ["?"]
     if argv[0].startswith("ray::"):
         return argv[0].split()[0].split(".")[0]
     if os.path.basename(argv[0]).startswith("python"):
@@ -113,81 +70,59 @@ def _role(pid: int) -> str:
     return os.path.basename(argv[0])[:40]
 
 
-class PssSampler:
-    """Peak summed PSS of `root` and every process of its run, sampled every `every_s` in a thread:
-    over the whole run (`peak_kb`), and once warm() is true (`steady_kb`, `parts`)."""
-
-    SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
+class TreeSampler:
+    """Every `every_s`, in a thread: the summed PSS of `root` and all its descendants (Ray's GCS,
+    raylet, agents and ray:: workers stay descendants of the driver), its peak over the whole run
+    (`peak_kb`) and once warm() is true (`steady_kb`, `parts`); and each process's CPU seconds
+    since the run was warm (a process started later: all of it)."""
 
     def __init__(self, root: int, warm, every_s: float = 2.0):
-        self.root, self.warm, self.every_s = root, warm, every_s
+        self.root, self.warm, self.every_s = psutil.Process(root), warm, every_s
         self.peak_kb, self.steady_kb, self.parts = 0, 0, {}
         self.warm_at = self.last_at = None
-        self.cpu_base: dict[int, int] = {}
-        self.cpu_last: dict[int, int] = {}
-        self.cpu_roles: dict[int, str] = {}
-        self.sessions: set[str] = set()
-        self._named: set[int] = set()
+        self.cpu: dict[int, list] = {}  # pid -> [label, CPU s when warm, CPU s at the last sample]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
-    def _members(self) -> set[int]:
-        procs = _procs()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in procs.items():
-            children.setdefault(ppid, []).append(pid)
-
-        def tree(roots: list[int]) -> set[int]:
-            found, todo = set(), list(roots)
-            while todo:
-                pid = todo.pop()
-                if pid not in found:
-                    found.add(pid)
-                    todo += children.get(pid, [])
+    def _sample(self) -> dict[int, tuple[str, int, float]]:
+        """pid -> (label, PSS kB, CPU seconds) of every live process of the tree."""
+        found = {}
+        try:
+            members = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
             return found
-
-        found = tree([self.root])
-        for pid in found - self._named:
-            self.sessions |= set(self.SESSION.findall(" ".join(_cmdline(pid))))
-        self._named |= found
-        # Ray may leave a process of the run outside the tree: those naming its session folder count too
-        started = procs.get(self.root, (0, 0))[1]
-        strays = [pid for pid, (_, start) in procs.items() if self.sessions and pid not in found and start >= started
-                  and any(s in " ".join(_cmdline(pid)) for s in self.sessions)]
-        return found | tree(strays)
+        for proc in members:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    found[proc.pid] = (_label(proc), proc.memory_full_info().pss // 1024, times.user + times.system)
+            except psutil.Error:
+                continue
+        return found
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            members = self._members()
-            parts = {pid: _pss_kb(pid) for pid in members}
-            total = sum(parts.values())
+            sample = self._sample()
+            total = sum(kb for _, kb, _ in sample.values())
             self.peak_kb = max(self.peak_kb, total)
-            warm = self.warm()
-            if total > self.steady_kb and warm:
-                self.steady_kb, self.parts = total, {f"{_label(pid)}[{pid}]": kb for pid, kb in parts.items()}
-            self._account_cpu(members, warm)
+            if self.warm():
+                if total > self.steady_kb:
+                    self.steady_kb, self.parts = total, {f"{label}[{pid}]": kb for pid, (label, kb, _) in sample.items()}
+                if self.warm_at is None:
+                    self.warm_at, base = time.monotonic(), {pid: cpu for pid, (_, _, cpu) in sample.items()}
+                else:
+                    base = {}
+                for pid, (label, _, cpu) in sample.items():
+                    self.cpu.setdefault(pid, [label, base.get(pid, 0.0), cpu])[2] = cpu
+                self.last_at = time.monotonic()
             self._stop.wait(self.every_s)
-
-    def _account_cpu(self, members: set[int], warm: bool) -> None:
-        """CPU ticks each process spent since the run was warm (a process started later: all of it)."""
-        ticks = {pid: _cpu_ticks(pid) for pid in members}
-        if not warm:
-            return
-        if self.warm_at is None:
-            self.warm_at, self.cpu_base = time.monotonic(), dict(ticks)
-        for pid, t in ticks.items():
-            self.cpu_base.setdefault(pid, 0)
-            self.cpu_roles[pid] = self.cpu_roles.get(pid) or _role(pid)
-            self.cpu_last[pid] = t
-        self.last_at = time.monotonic()
 
     def cpu_breakdown(self) -> tuple[float, dict[str, float]]:
         """(seconds sampled since warm, {role: CPU seconds in them}) summed over each role's processes."""
-        hz, roles = os.sysconf("SC_CLK_TCK"), {}
-        for pid, last in self.cpu_last.items():
-            role = self.cpu_roles[pid]
-            roles[role] = roles.get(role, 0.0) + (last - self.cpu_base[pid]) / hz
+        roles: dict[str, float] = {}
+        for label, first, last in self.cpu.values():
+            roles[label] = roles.get(label, 0.0) + last - first
         return (self.last_at or 0.0) - (self.warm_at or 0.0), roles
 
     def stop(self) -> None:
@@ -206,7 +141,7 @@ def _conf(overrides: list[str]) -> list[str]:
     return [] if any(o.startswith("conf=") for o in overrides) else ["conf=tiny"]
 
 
-def run_child(kind: str, args, out: Path) -> tuple[list[dict], PssSampler]:
+def run_child(kind: str, args, out: Path) -> tuple[list[dict], TreeSampler]:
     """One run as a child process, its PSS sampled; its per-step rows (ours: metrics.jsonl)."""
     out.mkdir(parents=True)
     if kind == "polaris":
@@ -230,7 +165,7 @@ def run_child(kind: str, args, out: Path) -> tuple[list[dict], PssSampler]:
 
     with open(out.parent / f"{out.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sampler = PssSampler(proc.pid, warm)
+        sampler = TreeSampler(proc.pid, warm)
         rc = proc.wait()
         sampler.stop()
     if rc != 0 or not rows_path.exists():
@@ -270,7 +205,7 @@ def _med(rows: list[dict], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def report(kind: str, k: int, all_rows: list[dict], rows: list[dict], sampler: PssSampler) -> float:
+def report(kind: str, k: int, all_rows: list[dict], rows: list[dict], sampler: TreeSampler) -> float:
     """Prints one run: `rows` are its measured steps."""
     median = _med(rows, "time/step")
     print(f"step_floor: run={kind} round={k} steps={len(all_rows)} median_s={median:.2f} "
@@ -284,7 +219,7 @@ def report(kind: str, k: int, all_rows: list[dict], rows: list[dict], sampler: P
           + (f"; torch threads {all_rows[0]['threads']}" if kind == "floor" else ""))
     print(f"  pss: {sampler.summary()}", flush=True)
     window, roles = sampler.cpu_breakdown()
-    busy = sorted(((cpu, role) for role, cpu in roles.items() if cpu >= 0.05 * max(window, 1e-9) / 10), reverse=True)
+    busy = sorted(((cpu, role) for role, cpu in roles.items() if cpu >= 0.5), reverse=True)
     print(f"  cpu over {window:.0f} s from step {FIRST_MEASURED} on ({sum(roles.values()) / max(window, 1e-9):.2f} "
           f"cores busy): " + ", ".join(f"{role} {cpu:.1f}s" for cpu, role in busy), flush=True)
     return median
@@ -304,21 +239,21 @@ def main() -> None:
     if not measured([{"step": k} for k in range(args.steps)], args):
         ap.error(f"--steps {args.steps} leaves no step measured (0..{FIRST_MEASURED - 1}: start-up; with "
                  "--judge-latency the last is left out too)")
-    if _pss_kb(os.getpid()) == 0:
-        sys.exit("step_floor: /proc/<pid>/smaps_rollup is not readable here: PSS cannot be measured")
+    if not getattr(psutil.Process().memory_full_info(), "pss", 0):
+        sys.exit("step_floor: this system gives no PSS (Linux's /proc/<pid>/smaps_rollup): it cannot be measured")
     medians, steps, paired = {"polaris": [], "floor": []}, {"polaris": [], "floor": []}, []
     peaks = {"polaris": 0, "floor": 0}
     with tempfile.TemporaryDirectory(prefix="step_floor-") as tmp:
         for k in range(1, args.rounds + 1):
+            seconds = {}  # kind -> {step: seconds} of this round
             for kind in ("polaris", "floor") if k % 2 else ("floor", "polaris"):
                 rows, sampler = run_child(kind, args, Path(tmp) / f"{k}-{kind}")
-                medians[kind].append(report(kind, k, rows, measured(rows, args), sampler))
-                measured_rows = measured(rows, args)
-                steps[kind] += measured_rows
+                kept = measured(rows, args)
+                medians[kind].append(report(kind, k, rows, kept, sampler))
+                steps[kind] += kept
+                seconds[kind] = {r["step"]: r["time/step"] for r in kept}
                 peaks[kind] = max(peaks[kind], sampler.steady_kb)
-            floor_by_step = {r["step"]: r["time/step"] for r in steps["floor"][-len(measured_rows):]}
-            paired += [r["time/step"] / floor_by_step[r["step"]] for r in steps["polaris"][-len(measured_rows):]
-                       if r["step"] in floor_by_step]
+            paired += [s / seconds["floor"][step] for step, s in seconds["polaris"].items() if step in seconds["floor"]]
             check = same_work(Path(tmp) / f"{k}-polaris", Path(tmp) / f"{k}-floor")
             print(f"step_floor: round {k} work check: {check}")
     by_round = [a / b for a, b in zip(medians["polaris"], medians["floor"])]

@@ -368,7 +368,7 @@ def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_di
     workers = [
         _RewardActor.options(name=f"{run_name}/reward-{i}", namespace=NAMESPACE, num_cpus=0, max_restarts=3,
                              max_concurrency=10_000)
-        .remote(settings, reward_params(cfg, validation=False), RemoteLimiter(limiter_name, NAMESPACE), secret)
+        .remote(settings, RewardParams.from_config(cfg.reward), RemoteLimiter(limiter_name, NAMESPACE), secret)
         for i in range(j.num_workers)
     ]
     cache_file = judge_cache_file(j, output_dir, evaluation=evaluation)
@@ -412,7 +412,3 @@ def judge_settings(j: JudgeServiceConfig, base_url: str, *, evaluation: bool = F
                          seed=None if j.seed < 0 else j.seed, thinking_level=j.thinking_level,
                          max_output_tokens=j.max_output_tokens or None, retry=retry, evaluation=evaluation,
                          unanswered_output_tokens=j.unanswered_output_tokens)
-
-
-def reward_params(cfg: Config, *, validation: bool) -> RewardParams:
-    return RewardParams.from_config(cfg.reward, validation=validation)

@@ -145,12 +145,11 @@ class PeriodicValidation:
         return bool(every and self.prompts and steps_done % every == 0)
 
     def run(self, step: int) -> EvalSummary:
-        from cluster.roles import reward_params
-
         t0 = time.perf_counter()
         stories = generate_and_judge(self.roles, self.codec, self.prompts, self.cfg, label=f"step {step}",
                                      submit=lambda job: self.roles.reward_pool.submit(job, per_step=False),
-                                     progress=False, reward_params=reward_params(self.cfg, validation=True))
+                                     progress=False,
+                                     reward_params=RewardParams.from_config(self.cfg.reward, validation=True))
         rewards = [s.reward for s in stories if s.reward is not None]
         summary = summarize([s.record() for s in stories], bucket_edges(self.cfg.eval.length_scale))
         pool = self.roles.reward_pool

@@ -142,11 +142,12 @@ def clear_stale_build_lock(op_name: str, stale_after_s: float = 60.0) -> bool:
 
 
 def _a_process_works_in(folder: str) -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if os.path.realpath(f"/proc/{pid}/cwd") == folder:
-                    return True
-            except OSError:
-                continue
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if os.path.realpath(proc.cwd()) == folder:
+                return True
+        except psutil.Error:
+            continue
     return False

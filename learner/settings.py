@@ -92,9 +92,6 @@ def build_optimizer(parameters, s: LearnerSettings) -> torch.optim.Optimizer:
     if s.optimizer == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        from learner.kernels import prepare_native_builds
-
-        prepare_native_builds()
         return DeepSpeedCPUAdam(parameters, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, adamw_mode=True)
     if s.optimizer != "torch_adamw":
         raise ValueError(f"LearnerSettings.optimizer={s.optimizer!r}: expected torch_adamw or cpu_adam "

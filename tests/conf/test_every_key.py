@@ -30,6 +30,7 @@ from conf.schema import Config
 from eval import run as eval_run
 from learner import tiny_model
 from learner.memory_plan import startup_plan
+from reward.components import RewardParams
 from reward.judge_server import LocalJudgeServer, judge_endpoint
 
 PROMPTS = [PromptRecord(f"p{i:02d}", ({"role": "user", "content": f"Write a story about a lighthouse ({i})."},),
@@ -123,7 +124,7 @@ def weight_group(cfg, ctx):
 
 
 def rewards(cfg, ctx):
-    return roles.reward_params(cfg, validation=False), roles.reward_params(cfg, validation=True)
+    return RewardParams.from_config(cfg.reward), RewardParams.from_config(cfg.reward, validation=True)
 
 
 def reward_pool(cfg, ctx, evaluation=False):

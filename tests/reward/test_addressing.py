@@ -111,15 +111,15 @@ def test_clean_story_is_untouched_by_the_penalty():
 
 
 def test_penalty_default_and_config_wiring():
-    from cluster.roles import reward_params
+    from reward.components import RewardParams
     from conf import load_config
 
     assert RewardParams().w_judge_addressed == 1.0
     assert story_scalar(0.5, 0.0, 0.0, 0.0, judge_addressed=1.0) == approx(-0.5)
     cfg = load_config(["reward.judge_addressed_penalty=0.25"])
-    assert reward_params(cfg, validation=False).w_judge_addressed == 0.25
-    assert reward_params(cfg, validation=True).w_judge_addressed == 0.25
-    assert reward_params(load_config([]), validation=False).w_judge_addressed == 1.0
+    assert RewardParams.from_config(cfg.reward).w_judge_addressed == 0.25
+    assert RewardParams.from_config(cfg.reward, validation=True).w_judge_addressed == 0.25
+    assert RewardParams.from_config(load_config([]).reward).w_judge_addressed == 1.0
 
 
 # --------------------------------------------------------------------- the built judge prompt

@@ -9,7 +9,7 @@ import time
 import pytest
 import ray
 
-from cluster.roles import reward_params
+from reward.components import RewardParams
 from conf import load_config
 from reward.cache import JudgeCache
 from reward.judge_client import JudgeSettings, RetryPolicy
@@ -44,7 +44,7 @@ def make_pool(base_url, tmp_path, *, workers=2, limits=RateLimits(), cache=True,
     name = f"limiter-{next(POOLS)}"
     limiter = ray.remote(LimiterService).options(name=name, namespace="test", max_concurrency=1000).remote(limits)
     actors = [ray.remote(RewardWorker).options(max_concurrency=1000, max_restarts=1)
-              .remote(settings, reward_params(cfg, validation=False), RemoteLimiter(name, "test"))
+              .remote(settings, RewardParams.from_config(cfg.reward), RemoteLimiter(name, "test"))
               for _ in range(workers)]
     pool = RewardPool(actors, cache_params=settings.cache_params(), prices=Prices(), flex=True,
                       cache=JudgeCache(tmp_path / "cache.sqlite") if cache else None)
