@@ -80,6 +80,7 @@ def train(cfg: Config) -> Path | None:
     from actors.checkpoint import output_folder, prepare_resume, run_name
     from actors.coordinator import Coordinator, stop_on_signals
     from actors.data import PromptSampler
+    from actors.pipeline import join_consumers
     from actors.tracking import start_tracker
     from cluster.connect import connect_ray
     from cluster.roles import judge_settings, start_roles
@@ -115,7 +116,8 @@ def train(cfg: Config) -> Path | None:
             hf_path = None if coordinator.stop_requested else coordinator.export()
         finally:
             tracker.close()
-            roles.reward_pool.close()
+            roles.shutdown()  # a step stopped mid-generation: its streams fail now, not inside Ray's exit
+            join_consumers(timeout_s=30)
     if stopped:
         print(f"stopped: {stopped}")
     if judge_server:

@@ -27,6 +27,16 @@ class StopRequested(Exception):
 
 
 _POLL_S = 0.2
+_consumers: set[threading.Thread] = set()  # the stream consumers still running
+
+
+def join_consumers(timeout_s: float) -> None:
+    """Wait for the stream consumers to end. launch.py calls it once the run's actors are killed (a
+    stopped step's streams then fail at once): a thread still inside Ray when the driver's Ray
+    shuts down makes Ray end the process with status 1."""
+    deadline = time.monotonic() + timeout_s
+    for thread in list(_consumers):
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @dataclass
@@ -134,6 +144,7 @@ def stream_rollouts(step: InFlightStep, streams: list, codec, submit, *, referen
         except BaseException as e:  # noqa: BLE001 -- handed to whoever waits on the step
             step._error = e
         finally:
+            _consumers.discard(threading.current_thread())
             with lock:
                 pending["engines"] -= 1
                 last = pending["engines"] == 0
@@ -146,4 +157,6 @@ def stream_rollouts(step: InFlightStep, streams: list, codec, submit, *, referen
         step.generated_at = time.perf_counter()
         step._done.set()
     for stream in streams:
-        threading.Thread(target=consume, args=(stream,), name=f"rollouts-{step.step}", daemon=True).start()
+        thread = threading.Thread(target=consume, args=(stream,), name=f"rollouts-{step.step}", daemon=True)
+        _consumers.add(thread)
+        thread.start()

@@ -17,7 +17,10 @@ ours runs rollout.max_staleness=1, judge.max_in_flight=64 and the loopback judge
 uniform(LO, HI) (bench/pipeline.py's keys); the floor, after scoring a step, sleeps the max of one
 uniform(LO, HI) draw per story (seeded as the loopback server seeds its draws), then trains.
 
-Where the floor differs: one model generates and trains (no second copy, no weight sync); AdamW
+Where the floor differs: one model generates, on every core in one batch, and trains (ours: conf=tiny's
+two one-thread engines, half the requests each, and a separate learner, with the weight sync); the HF
+engine seeds a batch from its requests' seeds, so ours' stories are not the floor's: compare the steps'
+tokens_mean, and with rollout.num_engines=1 both generate the same stories (the work check); AdamW
 steps parameter by parameter and torch clips (DeepSpeed ZeRO-1: one flat buffer): the same math, not
 the same bits, so stories may part after step 0 (each round prints how many came out identical, ours'
 rollout log against the floor's); with --judge-latency ours generates step k+1 before training step k

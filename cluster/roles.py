@@ -45,11 +45,14 @@ def _rendezvous_address() -> tuple[str, int]:
     return host, free_port(host)
 
 
-def _threads(cfg: Config) -> int:
+def _threads(cfg: Config, sharers: int = 1) -> int:
     """On CPU the compute roles take turns (generate, train, sync; the coordinator never runs two
-    at once there), so each may use every core. (Leaving the judge a core while the engines
-    generate under max_staleness 1 was measured slower: bench/pipeline.py, 8.62 s vs 7.79 s.)"""
-    return (os.cpu_count() or 1) if cfg.trainer.device == "cpu" else 0
+    at once there), so the learner may use every core, and the engines, which generate together,
+    share them out. (Leaving the judge a core while the engines generate under max_staleness 1 was
+    measured slower: bench/pipeline.py, 8.62 s vs 7.79 s.) Two one-thread engines beat one engine on
+    two threads: a decode step's Python runs on one thread while its OpenMP team waits, and a team
+    stalls whenever any other process takes one of its cores (bench/step_floor.py)."""
+    return max(1, (os.cpu_count() or 1) // sharers) if cfg.trainer.device == "cpu" else 0
 
 
 _LearnerActor = ray.remote(LearnerWorker)
@@ -296,12 +299,13 @@ def placement_plan(cfg: Config, *, learners: bool = True) -> PlacementPlan:
 def start_rollouts(cfg: Config, model_path: str, *, stop_token_ids: list[int], pad_token_id: int, run_name: str,
                    placement: Placement) -> list:
     gpu = 1 if cfg.trainer.device == "cuda" else 0
+    threads = _threads(cfg, sharers=cfg.rollout.num_engines)
     return [
         _RolloutActor.options(name=f"{run_name}/rollout-{i}", namespace=NAMESPACE, num_cpus=1,
                               num_gpus=gpu * cfg.rollout.tensor_parallel_size, max_restarts=cfg.rollout.max_engine_restarts,
                               **placement.engine(i))
         .remote(cfg.rollout.engine, model_path, dtype=cfg.model.dtype, device=cfg.trainer.device,
-                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=_threads(cfg),
+                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, num_threads=threads,
                 tensor_parallel_size=cfg.rollout.tensor_parallel_size, seed=cfg.trainer.seed,
                 cpu_cores=engine_cpu_cores(i, cfg.rollout.num_engines)
                 if cfg.trainer.device == "cpu" and cfg.rollout.tensor_parallel_size == 1 else None,

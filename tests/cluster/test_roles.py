@@ -52,7 +52,7 @@ def test_engine_and_learner_logprobs_agree_across_a_broadcast(ray_address, tiny_
         assert max_abs_diff(samples, roles.learner_logprobs(rows)) > 1e-3
 
         assert roles.sync_weights() == 1
-        assert ray.get([w.get_weight_version.remote() for w in roles.rollouts]) == [1]
+        assert ray.get([w.get_weight_version.remote() for w in roles.rollouts]) == [1] * cfg.rollout.num_engines
         fresh = roles.generate(requests, sampling)
         assert {x.weight_version for x in fresh} == {1}
         fresh_rows = [TrainRow(x.prompt_ids, x.response_ids, 0.0, False) for x in fresh]
@@ -95,6 +95,6 @@ def test_a_bucket_corrupted_in_transit_and_a_parameter_loaded_wrong_are_both_cau
             assert roles.last_sync["sync/verified"] == 1 and roles.last_sync["sync/probe_gap"] < 1e-4
             roles.sync = dataclasses.replace(roles.sync, fault=dataclasses.replace(
                 roles.sync.fault, kind="corrupt_loaded", version=2))
-        assert ray.get([w.get_weight_version.remote() for w in roles.rollouts]) == [2]
+        assert ray.get([w.get_weight_version.remote() for w in roles.rollouts]) == [2] * cfg.rollout.num_engines
     finally:
         roles.shutdown()

@@ -86,7 +86,8 @@ BAD = [
     (["weight_sync.timeout_s=0"], ["weight_sync.timeout_s", "> 0"]),
     (["weight_sync.verify=-1"], ["weight_sync.verify", "N = first and every N-th"]),
     (["weight_sync.fault.kind=explode"], ["weight_sync.fault.kind", "engine_dies", "learner_dies"]),
-    (["weight_sync.fault.kind=engine_dies", "weight_sync.fault.engine=1"], ["weight_sync.fault.engine", "0..0"]),
+    (["rollout.num_engines=1", "weight_sync.fault.kind=engine_dies", "weight_sync.fault.engine=1"],
+     ["weight_sync.fault.engine", "0..0"]),
 ]
 
 

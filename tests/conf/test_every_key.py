@@ -8,6 +8,7 @@ test_every_schema_key_has_a_probe, so no key can be dead silently."""
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import Future
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -319,7 +320,7 @@ PROBES: dict[str, Probe] = {
     "rollout.max_engine_restarts": P("1", engine_actors),
     "rollout.n": P("4", launched_steps),
     "rollout.stream_chunk": P("4", launched_steps),
-    "rollout.num_engines": P("2", placement),
+    "rollout.num_engines": P("1", placement),
     "rollout.tensor_parallel_size": P("2", placement, conf="polaris"),
     "rollout.max_staleness": P("1", assembled_group),
     **{f"rollout.sampling.{k}": P(v, launched_steps) for k, v in SAMPLING},
@@ -458,3 +459,15 @@ def test_changing_the_key_changes_what_the_runtime_builds(key, ctx):
     seen = probe.observe(base, ctx)
     assert probe.observe(base, ctx) == seen, f"{probe.observe.__name__} differs for one config"
     assert probe.observe(changed, ctx) != seen, f"{key}={value} changes nothing that {probe.observe.__name__} shows"
+
+
+@pytest.mark.parametrize("engines", [1, 2, 3])
+def test_on_cpu_the_engines_share_the_cores_and_the_learner_takes_them_all(engines, monkeypatch):
+    """The engines generate side by side, the learner trains alone: 4 cores give 1 engine 4 threads,
+    2 engines 2 each, 3 engines 1 each; the learner's threads stay 4."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    ctx = SimpleNamespace(monkeypatch=monkeypatch)
+    cfg = config("conf=tiny", f"rollout.num_engines={engines}")
+    threads = [kwargs["num_threads"] for _, _, kwargs in engine_actors(cfg, ctx)]
+    assert threads == [4 // engines] * engines
+    assert roles._threads(cfg) == 4
