@@ -50,8 +50,8 @@ def _threads(cfg: Config, sharers: int = 1) -> int:
     at once there), so the learner may use every core, and the engines, which generate together,
     share them out. (Leaving the judge a core while the engines generate under max_staleness 1 was
     measured slower: bench/pipeline.py, 8.62 s vs 7.79 s.) Two one-thread engines beat one engine on
-    two threads: a decode step's Python runs on one thread while its OpenMP team waits, and a team
-    stalls whenever any other process takes one of its cores (bench/step_floor.py)."""
+    two threads in a run: an OpenMP team stalls whenever any other process takes one of its cores
+    (bench/engine_threads.py, bench/step_floor.py)."""
     return max(1, (os.cpu_count() or 1) // sharers) if cfg.trainer.device == "cpu" else 0
 
 
