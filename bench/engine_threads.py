@@ -28,19 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 def _engine(model_path: str, stop_ids: list[int], pad_id: int, threads: int, requests: list, sampling,
             repeats: int, barrier, out) -> None:
-    import torch
+    from actors.rollout_worker import RolloutWorker  # the actor's own class: its threads and denormal flush
 
-    from actors.engine import HFEngine
-    from learner.worker import flush_denormals
-
-    torch.set_num_threads(threads)
-    flush_denormals()
-    engine = HFEngine(model_path, dtype=torch.float32, device="cpu", stop_token_ids=stop_ids, pad_token_id=pad_id)
-    engine.generate(requests, sampling)
+    worker = RolloutWorker("hf", model_path, dtype="float32", device="cpu", stop_token_ids=stop_ids,
+                           pad_token_id=pad_id, num_threads=threads)
+    worker.generate(requests, sampling)
     for _ in range(repeats):
         barrier.wait()
         start = time.perf_counter()
-        tokens = sum(len(g.token_ids) for g in engine.generate(requests, sampling))
+        tokens = sum(len(s.response_ids) for s in worker.generate(requests, sampling))
         out.put((time.perf_counter() - start, tokens))
 
 
@@ -80,7 +76,7 @@ def main() -> None:
     import launch
     from actors.codec import sample_seed
     from actors.data import PromptSampler
-    from actors.engine import GenerationRequest, SamplingParams
+    from actors.engine import SamplingParams
     from cluster.placement import balance_requests
     from conf import load_config
 
@@ -88,11 +84,11 @@ def main() -> None:
     prompts, held_out = launch.check_inputs(cfg)
     model_path, codec, prompts, _ = launch.prepare(cfg, prompts, held_out)
     batch = PromptSampler.from_config(prompts, cfg).next_batch()
-    requests = [GenerationRequest(f"{p.uid}/{i}", tuple(codec.prompt_ids(p)), sample_seed(cfg.trainer.seed, 0, p.uid, i))
+    requests = [(p.uid, i, tuple(codec.prompt_ids(p)), sample_seed(cfg.trainer.seed, 0, p.uid, i))
                 for p in batch for i in range(cfg.rollout.n)]
     sampling = SamplingParams.from_config(cfg.rollout.sampling)
     cores = os.cpu_count() or 1
-    costs = [len(r.prompt_token_ids) + sampling.max_new_tokens for r in requests]
+    costs = [len(ids) + sampling.max_new_tokens for _, _, ids, _ in requests]
     split = [[requests[i] for i in share] for share in balance_requests(costs, cores)]
     setup = (str(model_path), list(codec.stop_ids), codec.tok.pad_token_id)
     figures = {}
