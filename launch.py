@@ -78,6 +78,15 @@ def build_or_find_model(cfg: Config) -> str:
 
 def train(cfg: Config) -> Path | None:
     from actors.checkpoint import output_folder, prepare_resume, run_name
+
+    prompts, held_out = check_inputs(cfg)
+    output_dir = output_folder(cfg)
+    resume_from, state = prepare_resume(cfg, output_dir)  # refuses a mismatched checkpoint before anything starts
+    if state and state["steps_done"] >= cfg.trainer.total_steps:
+        print(f"done already: {resume_from} is at step {state['steps_done']} of trainer.total_steps="
+              f"{cfg.trainer.total_steps}; raise it to train further")
+        return output_dir / "hf_model"
+    # the heavy stack (torch, transformers, Ray: ~8 s) once the input is known to be good
     from actors.coordinator import Coordinator, stop_on_signals
     from actors.data import PromptSampler
     from actors.pipeline import join_consumers
@@ -88,13 +97,6 @@ def train(cfg: Config) -> Path | None:
     from reward.judge_client import preflight
     from reward.judge_server import judge_endpoint
 
-    prompts, held_out = check_inputs(cfg)
-    output_dir = output_folder(cfg)
-    resume_from, state = prepare_resume(cfg, output_dir)  # refuses a mismatched checkpoint before anything starts
-    if state and state["steps_done"] >= cfg.trainer.total_steps:
-        print(f"done already: {resume_from} is at step {state['steps_done']} of trainer.total_steps="
-              f"{cfg.trainer.total_steps}; raise it to train further")
-        return output_dir / "hf_model"
     with judge_endpoint(cfg.judge) as (judge_url, judge_server):
         preflight(judge_settings(cfg.judge, judge_url))  # seconds, before any model is built or loaded
         model_path, codec, prompts, held_out = prepare(cfg, prompts, held_out)

@@ -48,11 +48,19 @@ def _rendezvous_address() -> tuple[str, int]:
 def _threads(cfg: Config, sharers: int = 1) -> int:
     """On CPU the compute roles take turns (generate, train, sync; the coordinator never runs two
     at once there), so the learner may use every core, and the engines, which generate together,
-    share them out. (Leaving the judge a core while the engines generate under max_staleness 1 was
+    share them out, as the learner's ranks do. (Leaving the judge a core while the engines generate under max_staleness 1 was
     measured slower: bench/pipeline.py, 8.62 s vs 7.79 s.) Two one-thread engines beat one engine on
     two threads in a run: an OpenMP team stalls whenever any other process takes one of its cores
     (bench/engine_threads.py, bench/step_floor.py)."""
     return max(1, (os.cpu_count() or 1) // sharers) if cfg.trainer.device == "cpu" else 0
+
+
+
+def learner_threads(cfg: Config, placement: Placement) -> list[int]:
+    """Torch threads per learner rank: on GPU the node's CPU share (placement), on CPU the cores
+    split between the ranks, which train together."""
+    world = cfg.learner.world_size
+    return placement.learner_threads() if cfg.trainer.device == "cuda" else [_threads(cfg, sharers=world)] * world
 
 
 _LearnerActor = ray.remote(LearnerWorker)
@@ -255,7 +263,7 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     world = cfg.learner.world_size
     placement = reserve(placement_plan(cfg), name=run_name)
     master = ray.get(_rendezvous_address.options(**placement.learner(0)).remote())
-    threads = placement.learner_threads() if gpu else [_threads(cfg)] * world
+    threads = learner_threads(cfg, placement)
     learners = [
         _LearnerActor.options(name=f"{run_name}/learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu,
                               **placement.learner(r))

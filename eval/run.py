@@ -192,20 +192,21 @@ def checkpoint_folders(cfg) -> dict[str, str]:
 def evaluate(cfg) -> Path:
     """mode=eval: each folder in turn on fresh engines, one reward pool on eval.judge per folder
     (its cache file is shared), then one report for all of them. Returns the report's folder."""
+    from actors.data import filter_long_prompts, load_prompts
+    from conf.loader import resolve_path
+
+    folders = checkpoint_folders(cfg)  # refuses a training checkpoint or an empty folder before the heavy imports
+    prompts = load_prompts(resolve_path(cfg.eval.prompts_path), require_reference=False)
     from transformers import AutoTokenizer
 
     from actors.checkpoint import run_name
     from actors.codec import ChatCodec
-    from actors.data import filter_long_prompts, load_prompts
     from cluster.connect import connect_ray
     from cluster.roles import judge_settings, start_eval_roles
-    from conf.loader import resolve_path
     from eval.report import write_report
     from reward.judge_client import preflight
     from reward.judge_server import judge_endpoint
 
-    folders = checkpoint_folders(cfg)
-    prompts = load_prompts(resolve_path(cfg.eval.prompts_path), require_reference=False)
     out = Path(cfg.trainer.output_dir) / "eval" / "_vs_".join(label.replace("/", "_") for label in folders)
     results: dict[str, list[EvalStory]] = {}
     spend_usd = 0.0

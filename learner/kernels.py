@@ -103,19 +103,35 @@ DEEPSPEED_OPS = ("deepspeed_shm_comm", "cpu_adam")  # the C++ ops DeepSpeed JIT-
 
 def prepare_native_builds() -> None:
     """Before DeepSpeed JIT-builds its C++ ops (its shared-memory collectives when it starts, CPU
-    Adam): build them with this interpreter's ninja, and clear the locks of builds that were killed.
+    Adam): build them with this interpreter's ninja, into this interpreter's own build folder, and
+    clear the locks of builds that were killed.
 
     torch runs the first `ninja` on PATH. A venv's Python run without activating the venv leaves
     the system's ninja first (1.11 here) while Ray's workers get the venv's (1.13, PATH set by
     cluster/connect.py); sharing one build folder, each took the other's build for a changed
     command (their .ninja_log hashes alternate) and rebuilt the op, ~50 s per start on 2 cores.
+    Two checkouts with their own venvs did the same to each other through torch's one default
+    folder (their compile commands name their own include paths), hence a folder per interpreter
+    unless TORCH_EXTENSIONS_DIR says otherwise.
     """
     tools = os.path.dirname(sys.executable)
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
     if os.path.exists(os.path.join(tools, "ninja")) and path[:1] != [tools]:
         os.environ["PATH"] = os.pathsep.join([tools, *(p for p in path if p != tools)])
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", native_build_root())
     for op in DEEPSPEED_OPS:
         clear_stale_build_lock(op)
+
+
+def native_build_root(prefix: str | None = None) -> str:
+    """A JIT-build folder for the interpreter at prefix (default sys.prefix: this venv), under
+    torch's default root: ~/.cache/torch_extensions/py311-<hash of the prefix>."""
+    import hashlib
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = hashlib.sha256(os.path.realpath(prefix or sys.prefix).encode()).hexdigest()[:10]
+    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}-{tag}")
 
 
 def clear_stale_build_lock(op_name: str, stale_after_s: float = 60.0) -> bool:

@@ -20,6 +20,17 @@ def tiny35_model_path():
 
 
 @pytest.fixture(scope="session")
+def quick_run():
+    """conf=tiny overrides for end-to-end runs whose assertions depend on neither story length nor
+    a step's size: 2 prompts a step and stories of at most 64 tokens take a step from ~10 s to ~2 s
+    on 2 cores (a launch's ~35 s of actor start-up stays). stories: the policy stories of a step."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(args=["data.prompts_per_step=2", "rollout.sampling.max_new_tokens=64",
+                                 "rollout.val_sampling.max_new_tokens=64"], stories=2 * 6)
+
+
+@pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
     """One local Ray cluster on loopback; launch.py subprocesses join it through RAY_ADDRESS."""
     import ray

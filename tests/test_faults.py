@@ -50,9 +50,11 @@ def logged_steps(out):
 
 
 @pytest.mark.slow
-def test_an_engine_killed_mid_run_is_restarted_resynced_and_the_run_completes(tmp_path, ray_address, tiny_model_path):
+def test_an_engine_killed_mid_run_is_restarted_resynced_and_the_run_completes(tmp_path, ray_address, tiny_model_path,
+                                                                              quick_run):
     out = tmp_path / "engine-kill"
-    proc = start(["trainer.total_steps=3", "trainer.save_every=0"], out, ray_address, tiny_model_path)
+    proc = start([*quick_run.args, "trainer.total_steps=3", "trainer.save_every=0"], out, ray_address,
+                 tiny_model_path)
     wait_for(lambda: len(logged_steps(out)) >= 1, proc)
     engine = actor(out, "rollout-0")
     ray.kill(engine, no_restart=False)  # the next generation finds it dead or freshly restarted at v0
@@ -74,13 +76,13 @@ SYNC_FAULT = ["trainer.total_steps=3", "weight_sync.bucket_mb=1", "weight_sync.t
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["engine_dies", "engine_refuses"])
 def test_an_engine_lost_mid_sync_is_recovered_within_the_deadline_and_the_run_completes(kind, tmp_path, ray_address,
-                                                                                        tiny_model_path):
+                                                                                        tiny_model_path, quick_run):
     """The engine dies (or stops taking part) after bucket 1 of the update to v2, by hook: the
     learner returns within weight_sync.timeout_s, the engine is restarted or re-joined, v2 is
     re-sent and verified, and every step afterwards samples from the update before it."""
     out = tmp_path / kind
-    proc = start([*SYNC_FAULT, f"weight_sync.fault.kind={kind}", "trainer.save_every=2"], out, ray_address,
-                 tiny_model_path)
+    proc = start([*quick_run.args, *SYNC_FAULT, f"weight_sync.fault.kind={kind}", "trainer.save_every=2"], out,
+                 ray_address, tiny_model_path)
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
     failed = re.search(r"weight sync failed after ([\d.]+)s: weight sync v2: engine 0 failed", stdout)
@@ -99,10 +101,11 @@ def test_an_engine_lost_mid_sync_is_recovered_within_the_deadline_and_the_run_co
 
 
 @pytest.mark.slow
-def test_a_learner_dying_mid_sync_stops_the_run_with_its_last_checkpoint_intact(tmp_path, ray_address, tiny_model_path):
+def test_a_learner_dying_mid_sync_stops_the_run_with_its_last_checkpoint_intact(tmp_path, ray_address, tiny_model_path,
+                                                                                quick_run):
     out = tmp_path / "learner-dies"
-    proc = start([*SYNC_FAULT, "weight_sync.fault.kind=learner_dies", "trainer.save_every=1"], out, ray_address,
-                 tiny_model_path)
+    proc = start([*quick_run.args, *SYNC_FAULT, "weight_sync.fault.kind=learner_dies", "trainer.save_every=1"],
+                 out, ray_address, tiny_model_path)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 2, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
@@ -119,13 +122,14 @@ def test_a_learner_dying_mid_sync_stops_the_run_with_its_last_checkpoint_intact(
 
 
 @pytest.mark.slow
-def test_a_judge_key_revoked_mid_run_stops_the_run_after_a_checkpoint(tmp_path, ray_address, tiny_model_path):
+def test_a_judge_key_revoked_mid_run_stops_the_run_after_a_checkpoint(tmp_path, ray_address, tiny_model_path,
+                                                                      quick_run):
     """The Gemini judge starts answering 401 after step 0: the run does not train on nothing to
     trainer.total_steps. It stops within a few stories (judge.max_consecutive_rejections=8), writes
     a checkpoint and exits 2 with one line naming the judge, the status and the way out."""
     out = tmp_path / "revoked"
     with LocalJudgeServer() as srv:
-        proc = start(["trainer.total_steps=3", "trainer.save_every=0", "judge.backend=gemini",
+        proc = start([*quick_run.args, "trainer.total_steps=3", "trainer.save_every=0", "judge.backend=gemini",
                       f"judge.base_url={srv.base_url}"], out, ray_address, tiny_model_path,
                      env_extra={"GEMINI_API_KEY": "AIza-revoked-mid-run"})
         wait_for(lambda: len(logged_steps(out)) >= 1, proc)
@@ -144,18 +148,19 @@ def test_a_judge_key_revoked_mid_run_stops_the_run_after_a_checkpoint(tmp_path, 
 
 
 @pytest.mark.slow
-def test_planted_api_keys_appear_in_no_output(tmp_path, ray_address, tiny_model_path):
+def test_planted_api_keys_appear_in_no_output(tmp_path, ray_address, tiny_model_path,
+                                              quick_run):
     """The gemini backend through the real google-genai client (key in a header) against the loopback server."""
     keys = {"GEMINI_API_KEY": "AIzaPLANTED-gemini-5f1c2e", "OPENAI_API_KEY": "sk-PLANTED-openai-9a8b7c",
             "WANDB_API_KEY": "PLANTED-wandb-0d3e4f" + "0" * 20}
     out = tmp_path / "secrets"
     with LocalJudgeServer() as srv:
-        proc = start(["trainer.total_steps=1", "judge.backend=gemini", f"judge.base_url={srv.base_url}"], out,
-                     ray_address, tiny_model_path, env_extra=keys)
+        proc = start([*quick_run.args, "trainer.total_steps=1", "judge.backend=gemini",
+                      f"judge.base_url={srv.base_url}"], out, ray_address, tiny_model_path, env_extra=keys)
         stdout, stderr = proc.communicate(timeout=900)
         served = len(srv.requests)
     assert proc.returncode == 0, stderr[-3000:]
-    assert served > 48  # the gemini client judged the step's stories with the key
+    assert served > quick_run.stories  # the gemini client judged the step's stories with the key
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and (out / "config.yaml") in files
     for key in keys.values():

@@ -113,14 +113,15 @@ def test_original_polaris_training_files_validate_and_load(tmp_path, polaris_fil
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_two_training_steps_write_metrics_config_and_a_loadable_policy(engine, tmp_path, ray_address, tiny_model_path):
+def test_two_training_steps_write_metrics_config_and_a_loadable_policy(engine, tmp_path, ray_address, tiny_model_path,
+                                                                       quick_run):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent), "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "trainer.total_steps=2", f"rollout.engine={engine}",
-                           f"trainer.output_dir={out}", "trainer.progress_bar=false"],
+                           f"trainer.output_dir={out}", "trainer.progress_bar=false", *quick_run.args],
                           cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -179,52 +180,55 @@ def launch_run(args, env, timeout=900):
 
 
 @pytest.mark.slow
-def test_a_faulty_judge_run_completes_and_its_repeat_pays_only_for_what_failed(tmp_path, ray_address, tiny_model_path):
+def test_a_faulty_judge_run_completes_and_its_repeat_pays_only_for_what_failed(tmp_path, ray_address, tiny_model_path,
+                                                                              quick_run):
     """30% mixed judge faults (429, 503, hangs, truncated and schema-violating JSON), two attempts
     per story: every story is judged or counted invalid, no invalid one is trained on, and the
     same step run again from the same judge cache pays only for the stories that failed."""
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent)}
-    common = ["trainer.total_steps=1", f"judge.cache_path={tmp_path / 'judge_cache.sqlite'}",
+    stories = quick_run.stories  # step 0 has no reference row yet
+    common = [*quick_run.args, "trainer.total_steps=1", f"judge.cache_path={tmp_path / 'judge_cache.sqlite'}",
               "judge.local.rpm_limit=600", "judge.timeout_s=3"]
-    # asked for 2 steps under a budget that step 0 (about $0.10 at the loopback's token counts) leaves
+    # asked for 2 steps under a budget that step 0 (about $0.02 at the loopback's token counts) leaves
     # too little of for a second: the run stops cleanly before step 1 and still saves the policy
     faulty = launch_run([*common, f"trainer.output_dir={tmp_path / 'faulty'}", "judge.local.fault_rate=0.3",
-                         "judge.max_attempts=2", "trainer.total_steps=2", "judge.budget_usd=0.15"], env)
+                         "judge.max_attempts=2", "trainer.total_steps=2", "judge.budget_usd=0.03"], env)
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     assert "0 rate-limit violations" in faulty.stdout
-    assert "judge.budget_usd=$0.15" in faulty.stdout and "stopped before step 1" in faulty.stdout
+    assert "judge.budget_usd=$0.03" in faulty.stdout and "stopped before step 1" in faulty.stdout
     assert (tmp_path / "faulty" / "hf_model" / "model.safetensors").exists()
     (m,) = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
-    assert m["judge/stories"] == 48 and m["judge/retries"] > 0  # step 0: 8 prompts x 6, no reference yet
+    assert m["judge/stories"] == stories and m["judge/retries"] > 0
     assert m["judge/requests"] == m["judge/stories"] + m["judge/retries"]
-    assert m["groups/dropped"] == 0 and m["groups/rows_trained"] == 48 - m["judge/failed"]  # invalid: not trained
+    assert m["groups/dropped"] == 0 and m["groups/rows_trained"] == stories - m["judge/failed"]  # invalid: not trained
     assert m["judge/spend_usd"] > 0
     # every story is in rollouts/ with its judgment: the failed ones without a reward
-    stories = [json.loads(line) for line in (tmp_path / "faulty" / "rollouts" / "step_000000.jsonl").open()]
-    assert len(stories) == 48 and len({s["key"] for s in stories}) == 48
-    failed = [s for s in stories if not s["valid"]]
+    logged = [json.loads(line) for line in (tmp_path / "faulty" / "rollouts" / "step_000000.jsonl").open()]
+    assert len(logged) == stories and len({s["key"] for s in logged}) == stories
+    failed = [s for s in logged if not s["valid"]]
     assert len(failed) == m["judge/failed"] and all(s["reward"] is None and s["judge_error"] for s in failed)
-    judged = [s for s in stories if s["valid"]]
+    judged = [s for s in logged if s["valid"]]
     assert all(s["judgment"] and math.isfinite(s["reward"]["score"]) and s["response"] for s in judged)
-    assert sum(s["judge_attempts"] for s in stories) == m["judge/requests"]
+    assert sum(s["judge_attempts"] for s in logged) == m["judge/requests"]
 
     repeat = launch_run([*common, f"trainer.output_dir={tmp_path / 'repeat'}"], env)
     assert repeat.returncode == 0, repeat.stderr[-3000:]
     (r,) = [json.loads(line) for line in (tmp_path / "repeat" / "metrics.jsonl").read_text().splitlines()]
-    assert r["judge/cache_hits"] == 48 - m["judge/failed"]  # the same stories: every judged one is a hit
+    assert r["judge/cache_hits"] == stories - m["judge/failed"]  # the same stories: every judged one is a hit
     assert r["judge/requests"] == m["judge/failed"] and r["judge/failed"] == 0
-    assert r["judge/cache_hit_rate"] == pytest.approx(r["judge/cache_hits"] / 48)
+    assert r["judge/cache_hit_rate"] == pytest.approx(r["judge/cache_hits"] / stories)
     if m["judge/failed"] == 0:
         assert r["judge/spend_usd"] == 0
 
 
 @pytest.mark.slow
-def test_one_step_off_policy_overlap_trains_rows_one_update_old(tmp_path, ray_address, tiny_model_path):
+def test_one_step_off_policy_overlap_trains_rows_one_update_old(tmp_path, ray_address, tiny_model_path, quick_run):
     """max_staleness=1: step k+1 generates before step k's update, so from step 1 on every policy
     row is one update old and the learner weighs it by the truncated importance ratio."""
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent)}
     out = tmp_path / "overlap"
-    proc = launch_run(["trainer.total_steps=3", "rollout.max_staleness=1", f"trainer.output_dir={out}"], env)
+    proc = launch_run([*quick_run.args, "trainer.total_steps=3", "rollout.max_staleness=1",
+                       f"trainer.output_dir={out}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -238,6 +242,6 @@ def test_one_step_off_policy_overlap_trains_rows_one_update_old(tmp_path, ray_ad
     assert "step    2 |" in proc.stdout  # the one-line step summary
     for r in rows:  # step k+1 was judged while step k trained: each step's judge metrics are its own stories'
         stories = [json.loads(line) for line in (out / "rollouts" / f"step_{r['step']:06d}.jsonl").open()]
-        assert r["judge/stories"] == len(stories) == 48
+        assert r["judge/stories"] == len(stories) == quick_run.stories
         assert r["judge/input_tokens"] == sum(s["judge_input_tokens"] for s in stories)
         assert r["judge/output_tokens"] == sum(s["judge_output_tokens"] for s in stories)

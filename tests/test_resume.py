@@ -54,9 +54,14 @@ def env(ray_address, tiny_model_path):
     return {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent)}
 
 
+@pytest.fixture
+def common(quick_run):
+    return [*quick_run.args, "judge.local.latency_max_s=0.2"]
+
+
 @pytest.mark.slow
-def test_a_run_killed_after_its_third_step_resumes_exactly(tmp_path, env):
-    common = ["trainer.total_steps=6", "trainer.save_every=3", "judge.local.latency_max_s=0.2"]
+def test_a_run_killed_after_its_third_step_resumes_exactly(tmp_path, env, common):
+    common = [*common, "trainer.total_steps=6", "trainer.save_every=3"]
     straight = start([*common, f"trainer.output_dir={tmp_path / 'straight'}"], env)
     finish(straight)
 
@@ -81,12 +86,11 @@ def test_a_run_killed_after_its_third_step_resumes_exactly(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_a_larger_total_extends_the_run(tmp_path, env):
+def test_sigterm_checkpoints_and_a_larger_total_extends_the_run(tmp_path, env, common):
     """With max_staleness=1 a step is always in flight: the checkpoint keeps it (or drops it and
     rewinds the data cursor), and the resumed run never trains a row older than the bound."""
     out = tmp_path / "run"
-    common = ["rollout.max_staleness=1", "trainer.save_every=0", f"trainer.output_dir={out}",
-              "judge.local.latency_max_s=0.2"]
+    common = [*common, "rollout.max_staleness=1", "trainer.save_every=0", f"trainer.output_dir={out}"]
     proc = start([*common, "trainer.total_steps=3"], env)
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 1, proc)
     proc.send_signal(signal.SIGTERM)

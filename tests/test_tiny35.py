@@ -33,18 +33,21 @@ def metrics(out):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, ray_address, tiny35_model_path):
+def runs(tmp_path_factory, ray_address, tiny35_model_path, quick_run):
     """Three steps straight, and the same run stopped after two and resumed for the third."""
     root = tmp_path_factory.mktemp("tiny35")
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny35_model_path).parent), "WANDB_MODE": "offline"}
-    straight = launch([f"trainer.output_dir={root / 'straight'}", "trainer.total_steps=3", "trainer.save_every=1"], env)
+    quick = quick_run.args
+    straight = launch([*quick, f"trainer.output_dir={root / 'straight'}", "trainer.total_steps=3", "trainer.save_every=1"],
+                      env)
     # the learner's start-up lines: its optimizer and threads, and the kernel path per layer type
     assert "optimizer torch AdamW (state on cpu)" in straight.stdout, straight.stdout[-3000:]
     assert ("kernels: linear_attention -> chunk_gated_delta_rule=torch reference (flash-linear-attention not "
             "installed), causal_conv1d_fn=torch reference (causal-conv1d not installed); full_attention -> sdpa\n"
             in straight.stdout)
-    launch([f"trainer.output_dir={root / 'resumed'}", "trainer.total_steps=2", "trainer.save_every=1"], env)
-    resumed = launch([f"trainer.output_dir={root / 'resumed'}", "trainer.total_steps=3", "trainer.save_every=1"], env)
+    launch([*quick, f"trainer.output_dir={root / 'resumed'}", "trainer.total_steps=2", "trainer.save_every=1"], env)
+    resumed = launch([*quick, f"trainer.output_dir={root / 'resumed'}", "trainer.total_steps=3", "trainer.save_every=1"],
+                     env)
     assert "resume: from" in resumed.stdout
     return root, env
 
@@ -112,11 +115,12 @@ def test_export_writes_the_text_model_and_with_a_vision_tower_the_multimodal_che
     assert (tmp_path / "multimodal" / "preprocessor_config.json").is_file()
 
 
-def test_mode_eval_runs_on_an_exported_tiny35(runs, tmp_path):
+def test_mode_eval_runs_on_an_exported_tiny35(runs, tmp_path, quick_run):
     root, env = runs
     subprocess.run([sys.executable, "-m", "learner.export", str(root / "straight"), str(tmp_path / "policy")],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
-    proc = launch(["mode=eval", f"eval.checkpoint={tmp_path / 'policy'}", f"trainer.output_dir={tmp_path / 'out'}"], env)
+    proc = launch(["mode=eval", f"eval.checkpoint={tmp_path / 'policy'}", f"trainer.output_dir={tmp_path / 'out'}",
+                   *quick_run.args], env)
     stories = [json.loads(line) for line in (tmp_path / "out" / "eval" / "policy" / "generations.jsonl").open()]
     assert len(stories) == 24 and all(s["judgment"] is not None for s in stories), proc.stdout[-2000:]
 

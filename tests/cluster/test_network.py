@@ -61,7 +61,7 @@ def is_judge_server(port: int) -> bool:
 
 
 @pytest.mark.slow
-def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path):
+def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quick_run):
     # as a user starts it: no cluster to join, and none of the settings the launcher must make itself
     # (the repo's conftest.py sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 for the tests' own Ray)
     env = {k: v for k, v in os.environ.items() if k not in (
@@ -72,7 +72,7 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path):
     log = tmp_path / "launch.log"
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "launch.py", "trainer.total_steps=2", f"trainer.output_dir={out}",
-                                 "trainer.progress_bar=false", "trainer.eval_every=0"],
+                                 "trainer.progress_bar=false", "trainer.eval_every=0", *quick_run.args],
                                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
     sessions: set[str] = set()

@@ -26,7 +26,8 @@ def max_abs_diff(samples, learner_logprobs):
 def started(overrides, tiny_model_path, tmp_path, max_new_tokens):
     """(config, roles, sampling at max_new_tokens, requests for the first prompts of the tiny
     validation set: two samples each of three)."""
-    cfg = load_config(["learner.lr=1e-3", f"rollout.sampling.max_new_tokens={max_new_tokens}", *overrides])
+    cfg = load_config(["learner.lr=1e-3", f"rollout.sampling.max_new_tokens={max_new_tokens}", "judge.num_workers=1",
+                       *overrides])  # one reward worker: these tests judge nothing
     codec = ChatCodec(AutoTokenizer.from_pretrained(tiny_model_path), enable_thinking=True,
                       max_new_tokens=max_new_tokens)
     roles = start_roles(cfg, model_path=tiny_model_path, stop_token_ids=codec.stop_ids,

@@ -464,10 +464,11 @@ def test_changing_the_key_changes_what_the_runtime_builds(key, ctx):
 @pytest.mark.parametrize("engines", [1, 2, 3])
 def test_on_cpu_the_engines_share_the_cores_and_the_learner_takes_them_all(engines, monkeypatch):
     """The engines generate side by side, the learner trains alone: 4 cores give 1 engine 4 threads,
-    2 engines 2 each, 3 engines 1 each; the learner's threads stay 4."""
+    2 engines 2 each, 3 engines 1 each; the learner's threads stay 4, split between its ranks."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     ctx = SimpleNamespace(monkeypatch=monkeypatch)
     cfg = config("conf=tiny", f"rollout.num_engines={engines}")
     threads = [kwargs["num_threads"] for _, _, kwargs in engine_actors(cfg, ctx)]
     assert threads == [4 // engines] * engines
-    assert roles._threads(cfg) == 4
+    assert roles.learner_threads(cfg, placement=None) == [4]
+    assert roles.learner_threads(config("conf=tiny", "learner.world_size=2"), placement=None) == [2, 2]

@@ -30,21 +30,21 @@ def launch(args, env, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_address, tiny_model_path):
+def trained(tmp_path_factory, ray_address, tiny_model_path, quick_run):
     """A one-step tiny run with trainer.eval_every=1, and its checkpoint exported."""
     out = tmp_path_factory.mktemp("eval") / "run"
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent), "WANDB_MODE": "offline"}
-    proc = launch(["trainer.total_steps=1", "trainer.eval_every=1", f"trainer.output_dir={out}"], env)
+    proc = launch([*quick_run.args, "trainer.total_steps=1", "trainer.eval_every=1", f"trainer.output_dir={out}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = out.parent / "exported"
     proc_export = subprocess.run([sys.executable, "-m", "learner.export", str(out / "checkpoints" / "step_000001"),
                                   str(exported)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc_export.returncode == 0, proc_export.stderr[-3000:]
-    return out, exported, env, proc.stdout
+    return out, exported, env, proc.stdout, quick_run
 
 
 def test_periodic_validation_writes_its_own_rows(trained):
-    out, _, _, stdout = trained
+    out, _, _, stdout, quick_run = trained
     rows = [json.loads(line) for line in (out / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0] and rows[0]["count"] == 12  # conf=tiny: eval.subset_size=12
     assert rows[0]["failed"] == 0 and finite(rows[0]["quality/aggregate"])
@@ -54,14 +54,14 @@ def test_periodic_validation_writes_its_own_rows(trained):
     assert rows[0]["reward/mean"] == pytest.approx(sum(s["reward"] for s in stories) / 12)  # reward.val_weights
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and not any(k.startswith(("quality", "bucket")) for k in metrics[0])
-    assert metrics[0]["judge/stories"] == 48  # the validation's stories are not in the step's counters
+    assert metrics[0]["judge/stories"] == quick_run.stories  # the validation's stories are not in the step's counters
     assert "validation after step 0: quality id" in stdout
 
 
 def test_eval_of_an_exported_checkpoint_against_the_base_model(trained, tiny_model_path, tmp_path):
-    _, exported, env, _ = trained
+    _, exported, env, _, quick_run = trained
     proc = launch(["mode=eval", f"eval.checkpoint={exported}", f"eval.compare={tiny_model_path}",
-                   f"trainer.output_dir={tmp_path}"], env)
+                   f"trainer.output_dir={tmp_path}", *quick_run.args], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     base = Path(tiny_model_path).resolve().name
     folder = tmp_path / "eval" / f"exported_vs_{base}"
@@ -85,7 +85,7 @@ def test_eval_of_an_exported_checkpoint_against_the_base_model(trained, tiny_mod
 
 
 def test_a_training_checkpoint_or_an_empty_folder_is_refused_before_anything_starts(trained, tmp_path):
-    out, _, env, _ = trained
+    out, _, env, _, _ = trained
     proc = launch(["mode=eval", f"eval.checkpoint={out / 'checkpoints' / 'step_000001'}"], env, timeout=60)
     assert proc.returncode == 2 and "python -m learner.export" in proc.stderr and "eval.checkpoint" in proc.stderr
     proc = launch(["mode=eval", f"eval.checkpoint={tmp_path}"], env, timeout=60)

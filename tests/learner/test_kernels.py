@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from learner.kernels import clear_stale_build_lock, config_kernel_paths, prepare_native_builds, kernel_line, kernel_paths, model_kernel_paths, resolved_kernels
+from learner.kernels import clear_stale_build_lock, config_kernel_paths, prepare_native_builds, kernel_line, kernel_paths, model_kernel_paths, native_build_root, resolved_kernels
 from learner.model_shapes import model_config
 
 
@@ -92,3 +92,18 @@ def test_deepspeed_ops_build_with_this_interpreter_s_ninja(monkeypatch):
     assert os.environ["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]
     prepare_native_builds()  # once first, it stays where it is
     assert os.environ["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]
+
+
+def test_each_interpreter_builds_native_ops_in_its_own_folder(monkeypatch, tmp_path):
+    """Two venvs sharing torch's one default folder rebuild each other's ops; a set
+    TORCH_EXTENSIONS_DIR is the user's and stays."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "placeholder")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    prepare_native_builds()
+    ours = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert ours == native_build_root() == native_build_root(sys.prefix)
+    assert native_build_root(str(tmp_path / "other-venv")) != ours
+    assert os.path.dirname(ours) == os.path.dirname(native_build_root(str(tmp_path / "other-venv")))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    prepare_native_builds()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)

@@ -250,11 +250,12 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_address, tiny_model_path,
             "learner.world_size=2", "learner.zero_stage=3", "learner.max_tokens_per_micro_batch=300",
             "learner.logprob_chunk_tokens=16"],
     }
+    fewest_others = ["rollout.num_engines=1", "judge.num_workers=1"]  # start_roles starts every role
     results = {}
     for i, (name, overrides) in enumerate(variants.items()):
-        roles = start_roles(load_config(overrides), model_path=tiny_model_path, stop_token_ids=codec.stop_ids,
-                            pad_token_id=codec.tok.pad_token_id, judge_base_url="http://127.0.0.1:9",
-                            run_name=f"split-{i}", output_dir=str(tmp_path))
+        roles = start_roles(load_config([*fewest_others, *overrides]), model_path=tiny_model_path,
+                            stop_token_ids=codec.stop_ids, pad_token_id=codec.tok.pad_token_id,
+                            judge_base_url="http://127.0.0.1:9", run_name=f"split-{i}", output_dir=str(tmp_path))
         try:
             results[name] = roles.train(batch)
         finally:
