@@ -49,4 +49,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+if [ "$target" = cpu ]; then
+  # DeepSpeed JIT-builds its C++ ops at the first learner start (1-2 min on 2 cores): here instead
+  .venv/bin/python -m learner.kernels
+fi
 echo "polaris-rl installed in .venv ($target)"

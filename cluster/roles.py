@@ -48,12 +48,11 @@ def _rendezvous_address() -> tuple[str, int]:
 def _threads(cfg: Config, sharers: int = 1) -> int:
     """On CPU the compute roles take turns (generate, train, sync; the coordinator never runs two
     at once there), so the learner may use every core, and the engines, which generate together,
-    share them out, as the learner's ranks do. (Leaving the judge a core while the engines generate under max_staleness 1 was
-    measured slower: bench/pipeline.py, 8.62 s vs 7.79 s.) Two one-thread engines beat one engine on
-    two threads in a run: an OpenMP team stalls whenever any other process takes one of its cores
-    (bench/engine_threads.py, bench/step_floor.py)."""
+    share them out, as the learner's ranks do. (Leaving the judge a core while the engines generate
+    under max_staleness 1 was measured slower: bench/pipeline.py, 8.62 s vs 7.79 s.) Two one-thread
+    engines beat one engine on two threads in a run: an OpenMP team stalls whenever any other
+    process takes one of its cores (bench/engine_threads.py, bench/step_floor.py)."""
     return max(1, (os.cpu_count() or 1) // sharers) if cfg.trainer.device == "cpu" else 0
-
 
 
 def learner_threads(cfg: Config, placement: Placement) -> list[int]:

@@ -98,7 +98,26 @@ def planned_kernel_line(model_path: str, device: str) -> str:
     return kernel_line(config_kernel_paths(model_config(model_path)), device) + " [this machine]"
 
 
-DEEPSPEED_OPS = ("deepspeed_shm_comm", "cpu_adam")  # the C++ ops DeepSpeed JIT-builds for our learner
+# the C++ ops DeepSpeed JIT-builds for our learner: its name -> DeepSpeed's op builder
+DEEPSPEED_OPS = {"deepspeed_shm_comm": "ShareMemCommBuilder", "cpu_adam": "CPUAdamBuilder"}
+
+
+def build_native_ops() -> list[str]:
+    """Build DeepSpeed's ops for a CPU learner now, as the learner would (./install.sh runs this:
+    `python -m learner.kernels`), so that no run or test pays for it: 1-2 minutes on 2 cores.
+    Quick when built. Returns the ops built or found; an op this machine cannot build is skipped
+    (DeepSpeed then falls back as it would at a learner start)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    prepare_native_builds()
+    from deepspeed.accelerator import get_accelerator
+
+    ready = []
+    for name, builder_name in DEEPSPEED_OPS.items():
+        builder = get_accelerator().create_op_builder(builder_name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+            ready.append(name)
+    return ready
 
 
 def prepare_native_builds() -> None:
@@ -167,3 +186,8 @@ def _a_process_works_in(folder: str) -> bool:
         except psutil.Error:
             continue
     return False
+
+
+if __name__ == "__main__":
+    print(f"DeepSpeed ops built for this interpreter: {', '.join(build_native_ops()) or 'none'} "
+          f"(in {os.environ['TORCH_EXTENSIONS_DIR']})")

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from learner.kernels import clear_stale_build_lock, config_kernel_paths, prepare_native_builds, kernel_line, kernel_paths, model_kernel_paths, native_build_root, resolved_kernels
+from learner.kernels import DEEPSPEED_OPS, clear_stale_build_lock, config_kernel_paths, prepare_native_builds, kernel_line, kernel_paths, model_kernel_paths, native_build_root, resolved_kernels
 from learner.model_shapes import model_config
 
 
@@ -107,3 +107,12 @@ def test_each_interpreter_builds_native_ops_in_its_own_folder(monkeypatch, tmp_p
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     prepare_native_builds()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
+
+
+def test_the_ops_install_builds_are_the_ones_the_learner_loads():
+    """./install.sh builds DEEPSPEED_OPS through these builders; the learner's DeepSpeed loads the
+    ops by these names (a renamed builder would leave the first run to build it again)."""
+    from deepspeed.accelerator import get_accelerator
+
+    for name, builder in DEEPSPEED_OPS.items():
+        assert get_accelerator().create_op_builder(builder).NAME == name
