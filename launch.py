@@ -34,6 +34,7 @@ def check_inputs(cfg: Config):
     if cfg.trainer.device == "cuda":
         import torch
 
+        from cluster.plan import run_prediction
         from learner.kernels import planned_kernel_line
         from learner.memory_plan import startup_plan
         from learner.model_shapes import run_model_name
@@ -46,6 +47,7 @@ def check_inputs(cfg: Config):
               "the node's cores less one per engine, shared by the node's ranks")
         if not torch.cuda.is_available():
             raise EnvironmentSetupError("trainer.device=cuda but no GPU is visible; use conf=tiny or trainer.device=cpu")
+        print(run_prediction(cfg)[0])  # the run planner's step and run times for this layout
     print(f"checked: config, {len(train)} training prompts ({cfg.data.train_path})"
           + (f", {len(held_out)} evaluation prompts ({cfg.eval.prompts_path})" if held_out else ""))
     return train, held_out

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from actors.live_metrics import LiveMetrics
+from cluster.plan_model import plan_metrics
 
 
 def start_tracker(cfg, output_dir: Path, state: dict | None, run_name: str) -> Tracker:
@@ -20,18 +21,26 @@ def start_tracker(cfg, output_dir: Path, state: dict | None, run_name: str) -> T
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    predicted = {}
+    if cfg.trainer.device == "cuda":
+        from cluster.plan import run_prediction
+
+        predicted = run_prediction(cfg)[1]
     return Tracker(output_dir, project=cfg.trainer.wandb_project, config=config, total_steps=cfg.trainer.total_steps,
                    start_step=state["steps_done"] if state else 0, progress_bar=cfg.trainer.progress_bar,
-                   run_id=state["wandb_run_id"] if state else None, run_name=run_name)
+                   run_id=state["wandb_run_id"] if state else None, run_name=run_name, predicted=predicted)
 
 
 class Tracker:
     def __init__(self, output_dir: Path, *, project: str, config: dict, total_steps: int, start_step: int,
-                 progress_bar: bool, run_id: str | None = None, run_name: str | None = None):
+                 progress_bar: bool, run_id: str | None = None, run_name: str | None = None,
+                 predicted: dict[str, float] | None = None):
         """run_id: the W&B run to continue (a resume); else a new one. Either way it is written to
         output_dir/wandb_run_id and kept in every checkpoint. run_name: the live gauges' "run" tag
-        (the run's actor name; default the output folder's name)."""
+        (the run's actor name; default the output folder's name). predicted: the run planner's
+        seconds per phase (cluster/plan.py), logged beside the measured ones as plan/*."""
         self.output_dir = output_dir
+        self.predicted = predicted or {}
         self.metrics_path = output_dir / "metrics.jsonl"
         self.run_id = run_id or _new_run_id()
         (output_dir / "wandb_run_id").write_text(self.run_id + "\n")
@@ -42,6 +51,8 @@ class Tracker:
 
     def log_step(self, metrics: dict, samples: list[dict] = ()) -> None:
         """samples: a few of the step's stories (dicts of equal keys) for the W&B table."""
+        if self.predicted:
+            metrics = {**metrics, **plan_metrics(self.predicted, metrics)}
         with open(self.metrics_path, "a") as f:  # appended as it happens: a crash loses nothing logged
             f.write(json.dumps(_no_nan(metrics)) + "\n")
         self._live.publish(metrics)
@@ -172,7 +183,8 @@ def step_summary(m: dict) -> str:
     return (f"step {m['step']:>4} | reward {m['reward/mean']:+.3f} len {m['length/ratio_mean']:.2f} "
             f"| gen {m['time/generate']:.1f}s judge-tail {m['time/judge_tail']:.1f}s train {m['time/train']:.1f}s "
             f"sync {m['time/sync']:.2f}s = {m['time/step']:.1f}s | judge {m['judge/failed']} failed "
-            f"${m['judge/spend_usd_total']:.3f} | v{m['weight_version']}")
+            f"${m['judge/spend_usd_total']:.3f} | v{m['weight_version']}"
+            + (f" | {m['plan/step_vs_predicted']:.2f}x plan" if "plan/step_vs_predicted" in m else ""))
 
 
 def validation_summary(row: dict) -> str:
