@@ -103,6 +103,7 @@ class Coordinator:
             metrics.update(self.phase_times(current, metrics, iteration_start, t_sync, end))
             metrics.update(self.roles.last_sync)
             metrics["rollout/engine_restarts"] = self.engine_restarts  # in the run so far
+            metrics.update(self.roles.placement.node_ids() if self.roles.placement else {})
             self._last_step_usd = metrics["judge/spend_usd"]
             self.tracker.log_step(metrics, samples=self.sample_table(current))
             iteration_start = end
@@ -137,7 +138,7 @@ class Coordinator:
                 if self.roles.dead_learners():
                     raise
                 reason = f"{type(e).__name__}"
-            version = self.roles.recover_engines(self.cfg)
+            version = self._recover_engines()
             self.engine_restarts += 1
             print(f"engine restart: step {inflight.step} lost its generation ({reason}); weight group re-formed, "
                   f"v{version} re-sent to every engine and checked; generating step {inflight.step} again", flush=True)
@@ -160,7 +161,7 @@ class Coordinator:
             if self.roles.dead_learners():
                 raise self._role_lost(e) from None
             try:
-                version = self.roles.recover_engines(self.cfg, version=self.roles.weight_version + 1)
+                version = self._recover_engines(version=self.roles.weight_version + 1)
             except WeightSyncError as again:
                 folder = self.save_checkpoint(steps_done, updates_unsent=1)
                 raise WeightSyncError(f"{again}; it failed again after the weight group was re-formed, so the run "
@@ -169,14 +170,22 @@ class Coordinator:
             print(f"weight sync recovered: weight group re-formed, v{version} re-sent to every engine and verified "
                   f"in {time.perf_counter() - failed_at:.1f}s", flush=True)
 
+    def _recover_engines(self, version: int | None = None) -> int:
+        try:
+            return self.roles.recover_engines(self.cfg, version=version)
+        except RoleLostError as e:  # e.g. an engine's node lost, no other node to take it
+            raise RoleLostError(f"{e}; the run stops: {self._resume_hint()}") from None
+
     def _role_lost(self, error: Exception) -> RoleLostError:
         dead = self.roles.dead_learners()
         what = f"learner rank(s) {dead} died" if dead else "an actor of the run failed for good"
+        return RoleLostError(f"{what} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                             f"the run stops: {self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
         complete = checkpoint.complete_checkpoints(self.output_dir)
-        latest = complete[-1] if complete else None
-        resume = (f"the last complete checkpoint is {latest}; run the same command to resume from it"
-                  if latest else "no checkpoint was written yet")
-        return RoleLostError(f"{what} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the run stops: {resume}")
+        return (f"the last complete checkpoint is {complete[-1]}; run the same command to resume from it"
+                if complete else "no checkpoint was written yet")
 
     def _stopping(self) -> bool:
         if not self.stop_requested and (down := self.roles.reward_pool.judge_down()):

@@ -18,29 +18,84 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from conf.schema import NodeSelectorConfig
 
 
 @dataclass(frozen=True)
 class PlacementPlan:
     learner_bundles: list[dict[str, float]]
     engine_bundles: list[dict[str, float]]
+    learner_labels: dict[str, str] = field(default_factory=dict)  # the node labels each role's bundles need
+    engine_labels: dict[str, str] = field(default_factory=dict)
 
 
-def plan_placement(*, device: str, learner_world_size: int, num_engines: int, tensor_parallel_size: int) -> PlacementPlan:
+def plan_placement(*, device: str, learner_world_size: int, num_engines: int, tensor_parallel_size: int,
+                   learner_nodes: NodeSelectorConfig | None = None,
+                   engine_nodes: NodeSelectorConfig | None = None) -> PlacementPlan:
+    """learner_nodes / engine_nodes: the nodes each role may use (config placement.*): their custom
+    resources join every bundle of the role, their labels select its nodes."""
+    learner_nodes, engine_nodes = learner_nodes or NodeSelectorConfig(), engine_nodes or NodeSelectorConfig()
     if device == "cuda":
-        learner = [{"GPU": 1, "CPU": 1} for _ in range(learner_world_size)]
-        engines = [{"GPU": tensor_parallel_size, "CPU": 1} for _ in range(num_engines)]
+        learner = [{"GPU": 1, "CPU": 1, **learner_nodes.resources} for _ in range(learner_world_size)]
+        engines = [{"GPU": tensor_parallel_size, "CPU": 1, **engine_nodes.resources} for _ in range(num_engines)]
     else:  # CPU: a core's worth of logical CPU each; the roles take turns, so torch uses every core
-        learner = [{"CPU": 1} for _ in range(learner_world_size)]
-        engines = [{"CPU": 1} for _ in range(num_engines)]
-    return PlacementPlan(learner, engines)
+        learner = [{"CPU": 1, **learner_nodes.resources} for _ in range(learner_world_size)]
+        engines = [{"CPU": 1, **engine_nodes.resources} for _ in range(num_engines)]
+    return PlacementPlan(learner, engines, dict(learner_nodes.labels), dict(engine_nodes.labels))
+
+
+@dataclass(frozen=True)
+class Node:
+    """What placement needs of a live Ray node (ray.nodes()): its address, labels and total resources."""
+    address: str
+    labels: dict[str, str]
+    resources: dict[str, float]
+
+    @classmethod
+    def from_ray(cls, node: dict) -> Node:
+        return cls(node["NodeManagerAddress"], dict(node.get("Labels") or {}), dict(node["Resources"]))
+
+
+def unplaceable(plan: PlacementPlan, nodes: Sequence[Node]) -> list[str]:
+    """Why each role cannot fit on these nodes, with the numbers; empty when both fit. Learners are
+    packed first, then the engines into what is left, each bundle whole on one node with matching
+    labels (as Ray places bundles). Totals, not what is free now: a busy cluster waits in reserve()."""
+    free = {n.address: dict(n.resources) for n in nodes}
+    problems = []
+    for role, key, bundles, labels in (("learner rank", "placement.learner", plan.learner_bundles, plan.learner_labels),
+                                       ("engine", "placement.engines", plan.engine_bundles, plan.engine_labels)):
+        matching = [n for n in nodes if all(n.labels.get(k) == v for k, v in labels.items())]
+        placed = 0
+        for bundle in bundles:
+            node = next((n for n in matching if all(free[n.address].get(r, 0) >= a for r, a in bundle.items())), None)
+            if node is None:
+                continue
+            placed += 1
+            for r, a in bundle.items():
+                free[node.address][r] -= a
+        if placed < len(bundles):
+            where = f"nodes labelled {_fmt(labels)}" if labels else "the cluster's nodes"
+            offered = "; ".join(f"{n.address} {_fmt(_relevant(n.resources, bundles[0]))}" for n in matching)
+            problems.append(f"{key}: {len(bundles)} {role}(s) of {_fmt(bundles[0])} each on {where}: "
+                            f"{len(matching)} node(s) match{' (' + offered + ')' if offered else ''}, room for {placed}")
+    return problems
+
+
+def _relevant(resources: dict[str, float], bundle: dict[str, float]) -> dict[str, float]:
+    return {r: resources.get(r, 0) for r in bundle}
+
+
+def _fmt(mapping: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in mapping.items()) + "}"
 
 
 @dataclass
 class Placement:
     learner_group: object | None  # ray.util.placement_group.PlacementGroup; None: no learner (mode=eval)
     engine_group: object
+    plan: PlacementPlan | None = None
 
     def learner(self, rank: int) -> dict:
         return _strategy(self.learner_group, rank)
@@ -59,6 +114,25 @@ class Placement:
         return [learner_threads(nodes.get(node, 1), learner_nodes.count(node), engine_nodes.count(node))
                 for node in learner_nodes]
 
+    def node_ids(self) -> dict[str, str]:
+        """The Ray node of each learner rank and engine ("node/learner-0": its hex id), as placed now."""
+        from ray.util.placement_group import placement_group_table
+
+        nodes = {}
+        for role, group in (("learner", self.learner_group), ("rollout", self.engine_group)):
+            if group is not None:
+                placed = placement_group_table(group)["bundles_to_node_id"]
+                nodes.update({f"node/{role}-{i}": node for i, node in sorted(placed.items())})
+        return nodes
+
+    def engines_unplaceable(self) -> list[str]:
+        """Why the engines could not all be placed on the nodes alive now (after a node was lost:
+        Ray re-places the lost bundles only where their labels and resources allow); empty if they can."""
+        import ray
+
+        nodes = [Node.from_ray(n) for n in ray.nodes() if n["Alive"]]
+        return [p for p in unplaceable(self.plan, nodes) if p.startswith("placement.engines")] if self.plan else []
+
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
@@ -74,16 +148,25 @@ def reserve(plan: PlacementPlan, *, name: str, timeout_s: float = 120.0) -> Plac
 
     from conf.errors import EnvironmentSetupError
 
-    learner = placement_group(plan.learner_bundles, strategy="PACK", name=f"{name}/learner") \
+    problems = unplaceable(plan, [Node.from_ray(n) for n in ray.nodes() if n["Alive"]])
+    if problems:
+        raise EnvironmentSetupError("the run fits nowhere on this cluster: " + "; ".join(problems))
+    learner = placement_group(plan.learner_bundles, strategy="PACK", name=f"{name}/learner",
+                              bundle_label_selector=_selectors(plan.learner_labels, plan.learner_bundles)) \
         if plan.learner_bundles else None
-    engines = placement_group(plan.engine_bundles, strategy="SPREAD", name=f"{name}/engines")
+    engines = placement_group(plan.engine_bundles, strategy="SPREAD", name=f"{name}/engines",
+                              bundle_label_selector=_selectors(plan.engine_labels, plan.engine_bundles))
     groups = [g.ready() for g in (learner, engines) if g is not None]
     ready, _ = ray.wait(groups, num_returns=len(groups), timeout=timeout_s)
     if len(ready) < len(groups):
         raise EnvironmentSetupError(
             f"the cluster cannot place the run within {timeout_s:.0f}s: learner needs {plan.learner_bundles}, "
             f"engines need {plan.engine_bundles}; cluster has {ray.cluster_resources()}")
-    return Placement(learner, engines)
+    return Placement(learner, engines, plan)
+
+
+def _selectors(labels: dict[str, str], bundles: list) -> list[dict[str, str]] | None:
+    return [dict(labels) for _ in bundles] if labels else None
 
 
 def learner_threads(node_cpus: int, learners_on_node: int, engines_on_node: int) -> int:

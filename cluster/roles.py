@@ -118,7 +118,9 @@ class Roles:
         """judge/* of the step's stories, with the limiter's view of the whole project now."""
         limiter = ray.get(self.limiter.stats.remote())
         return {**self.reward_pool.take_metrics(step), "judge/in_flight": limiter["in_flight"],
-                "judge/queue_depth": limiter["waiting"], "judge/requests_last_window": limiter["requests_in_window"]}
+                "judge/queue_depth": limiter["waiting"], "judge/requests_last_window": limiter["requests_in_window"],
+                "judge/window": limiter["window"], "judge/retry_budget_used": limiter["retry_budget_used"],
+                "judge/retries_held": limiter["retries_held"]}
 
     # --- learner ---
     def train(self, batch: TrainBatch) -> dict[str, float]:
@@ -187,12 +189,12 @@ class Roles:
         version = self.weight_version if version is None else version
         deadline = time.monotonic() + timeout_s
         for i, engine in enumerate(self.rollouts):
-            _wait_until_ready(i, engine, deadline, cfg)
+            _wait_until_ready(i, engine, deadline, cfg, self.placement)
         broken = [i for i, e in enumerate(self.rollouts) if ray.get(e.needs_restart.remote())]
         for i in broken:  # a reload that failed half way: only a fresh engine process is whole again
             ray.kill(self.rollouts[i], no_restart=False)
         for i in broken:
-            _wait_until_ready(i, self.rollouts[i], deadline, cfg)
+            _wait_until_ready(i, self.rollouts[i], deadline, cfg, self.placement)
         _form_weight_group(cfg, self)
         self.push_weights(version, restoring=True, probe=True)
         held = ray.get([engine.get_weight_version.remote() for engine in self.rollouts])
@@ -224,13 +226,17 @@ class Roles:
             self.placement.remove()
 
 
-def _wait_until_ready(index: int, engine, deadline: float, cfg: Config) -> None:
-    """Until the engine actor answers (Ray restarting it after a crash), or RoleLostError at deadline."""
+def _wait_until_ready(index: int, engine, deadline: float, cfg: Config, placement: Placement | None) -> None:
+    """Until the engine actor answers (Ray restarting it after a crash), or RoleLostError at the
+    deadline, or at once when no live node can take it (its node was lost and no other matches)."""
     while True:
         try:
-            ray.get(engine.__ray_ready__.remote(), timeout=60)
+            ray.get(engine.__ray_ready__.remote(), timeout=10)
             return
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            if placement is not None and (nowhere := placement.engines_unplaceable()):
+                raise RoleLostError(f"rollout engine {index} is gone and no live node can take it: "
+                                    + "; ".join(nowhere)) from None
             if time.monotonic() > deadline:
                 raise RoleLostError(f"rollout engine {index} did not come back after a crash ({type(e).__name__}; "
                                     f"rollout.max_engine_restarts={cfg.rollout.max_engine_restarts})") from None
@@ -300,7 +306,8 @@ def learner_settings(cfg: Config, *, model_path: str, pad_token_id: int) -> Lear
 def placement_plan(cfg: Config, *, learners: bool = True) -> PlacementPlan:
     """The devices each role reserves; learners=False: mode=eval, engines only."""
     return plan_placement(device=cfg.trainer.device, learner_world_size=cfg.learner.world_size if learners else 0,
-                          num_engines=cfg.rollout.num_engines, tensor_parallel_size=cfg.rollout.tensor_parallel_size)
+                          num_engines=cfg.rollout.num_engines, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                          learner_nodes=cfg.placement.learner, engine_nodes=cfg.placement.engines)
 
 
 def start_rollouts(cfg: Config, model_path: str, *, stop_token_ids: list[int], pad_token_id: int, run_name: str,
@@ -370,15 +377,18 @@ def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_di
     the pool re-sends their unanswered stories. The judge is cfg.judge, or cfg.eval.judge for evaluation."""
     j = cfg.eval.judge if evaluation else cfg.judge
     limits = RateLimits(rpm=j.rpm, burst=j.rpm_burst, input_tpm=j.input_tpm, max_in_flight=j.max_in_flight,
-                        lease_ttl_s=j.timeout_s + 60)
+                        lease_ttl_s=j.timeout_s + 60, adaptive=j.adaptive_in_flight,
+                        initial_in_flight=j.initial_in_flight, retry_budget=j.retry_budget,
+                        retry_budget_min_per_s=j.retry_budget_min_per_s)
     limiter_name = f"{run_name}/judge-limiter"
-    limiter = _LimiterActor.options(name=limiter_name, namespace=NAMESPACE, num_cpus=0,
-                                    max_concurrency=10_000).remote(limits)
+    beside_driver = _beside_driver()
+    limiter = _LimiterActor.options(name=limiter_name, namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000,
+                                    **beside_driver).remote(limits)
     settings = judge_settings(j, judge_base_url, evaluation=evaluation)
     secret = Secret.from_environment(settings)  # the driver's environment: workers may not share it
     workers = [
         _RewardActor.options(name=f"{run_name}/reward-{i}", namespace=NAMESPACE, num_cpus=0, max_restarts=3,
-                             max_concurrency=10_000)
+                             max_concurrency=10_000, **beside_driver)
         .remote(settings, RewardParams.from_config(cfg.reward), RemoteLimiter(limiter_name, NAMESPACE), secret)
         for i in range(j.num_workers)
     ]
@@ -390,6 +400,14 @@ def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_di
                       prices=Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor),
                       flex=settings.flex, watch=watch)
     return limiter, workers, pool
+
+
+def _beside_driver() -> dict:
+    """The judge's actors on the driver's node (preferred, not required): they hold no device, and
+    a lost engine or learner node must not take the run's rate limiter with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
 
 
 def weight_sync_settings(cfg: Config) -> SyncSettings:

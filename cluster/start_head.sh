@@ -7,7 +7,9 @@
 #
 # Env: BIND (127.0.0.1), RAY_PORT (6379), DASHBOARD_PORT (8265), METRICS_PORT (8080),
 # NUM_GPUS (nvidia-smi's count), NUM_CPUS (Ray's count), TEMP_DIR (/tmp/ray), BLOCK (0),
-# RAY_AUTH_MODE (token | disabled; default token). Extra arguments go to `ray start` as they are.
+# RAY_AUTH_MODE (token | disabled; default token), and Ray's own DASHBOARD_METRIC_PORT (44227) and
+# AUTOSCALER_METRIC_PORT (44217): a second cluster on one machine needs other ones. Extra arguments
+# go to `ray start` as they are, e.g. --labels polaris-role=learner (placement.learner.labels).
 #
 # Ray 2.60 facts this script works around:
 # - `ray start --node-ip-address 127.0.0.1` swaps loopback for the machine's address unless
@@ -69,5 +71,8 @@ if [ "$RAY_AUTH_MODE" = token ]; then
 fi
 if [ "$BIND" != 127.0.0.1 ]; then
   echo "  add nodes: cluster/start_worker.sh $BIND:$RAY_PORT   (with the same token)"
+else
+  echo "  add a node on this machine: NODE_IP=127.0.0.1 METRICS_PORT=<another> cluster/start_worker.sh" \
+       "127.0.0.1:$RAY_PORT --dashboard-agent-listen-port <another>"
 fi
 exec "$RAY" start "${args[@]}" "$@"

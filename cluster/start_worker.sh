@@ -3,11 +3,16 @@
 #
 #   cluster/start_worker.sh HEAD_IP:6379
 #
-# The head must have been started with BIND=<its address> (a loopback head cannot be joined).
+#   NODE_IP=127.0.0.1 cluster/start_worker.sh 127.0.0.1:6379   # a second node on the head's machine
+#
+# Another machine joins a head started with BIND=<its address>. A second node on the head's own
+# machine joins a loopback head with NODE_IP=127.0.0.1: both nodes stay on 127.0.0.1 and nothing
+# listens beyond it (cluster/loopback_ray.py says why that needs its own entry point).
 # Env: NODE_IP (Ray's guess: the address that reaches the head), NUM_GPUS (nvidia-smi's count),
-# NUM_CPUS, METRICS_PORT (8080), TEMP_DIR, BLOCK (0), RAY_AUTH_MODE (token | disabled; default
-# token: the head's token in ~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN).
-# Extra arguments go to `ray start` as they are.
+# NUM_CPUS, METRICS_PORT (8080; each node on one machine needs its own), TEMP_DIR, BLOCK (0),
+# RAY_AUTH_MODE (token | disabled; default token: the head's token in ~/.ray/auth_token,
+# $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN). Extra arguments go to `ray start` as they are, e.g.
+# --labels polaris-role=rollout (what placement.engines.labels selects).
 set -euo pipefail
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
   echo "usage: cluster/start_worker.sh HEAD_IP:PORT [ray start options]" >&2; exit 2
@@ -36,4 +41,8 @@ args=(--address "$HEAD_ADDRESS" --num-gpus "${NUM_GPUS:-0}" --metrics-export-por
 [ "${BLOCK:-0}" = 1 ] && args+=(--block)
 echo "start_worker: joining $HEAD_ADDRESS with $NUM_GPUS GPU(s), auth $RAY_AUTH_MODE;" \
      "metrics on :$METRICS_PORT for Prometheus"
+if [ "${NODE_IP:-}" = 127.0.0.1 ]; then
+  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # the node's processes keep loopback
+  exec python "$ROOT/cluster/loopback_ray.py" start "${args[@]}" "$@"  # the python beside $RAY (PATH above)
+fi
 exec "$RAY" start "${args[@]}" "$@"

@@ -6,6 +6,7 @@ A conf NAME is a YAML file in this folder (or a path to one). A YAML may start w
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -234,6 +235,8 @@ def validate(c: Config) -> None:
         "weight_sync.backend",
         "nccl needs trainer.device=cuda",
     )
+    for role in ("learner", "engines"):
+        _check_node_selector(getattr(c.placement, role), f"placement.{role}")
 
 
 def _check_judge(j, at: str) -> None:
@@ -242,16 +245,43 @@ def _check_judge(j, at: str) -> None:
     _one_of(j.thinking_level, f"{at}.thinking_level", ("minimal", "low", "medium", "high"))
     for name in ("rpm", "rpm_burst", "input_tpm", "max_output_tokens", "local.rpm_limit"):
         _check(_get(j, name) >= 0, f"{at}.{name}", "must be >= 0 (0 = none)")
-    for name in ("max_in_flight", "num_workers", "dispatch_batch", "max_attempts"):
+    for name in ("max_in_flight", "initial_in_flight", "num_workers", "dispatch_batch", "max_attempts"):
         _check(_get(j, name) >= 1, f"{at}.{name}", "must be >= 1")
     _check(j.unanswered_output_tokens >= 0, f"{at}.unanswered_output_tokens", "must be >= 0")
-    for name in ("timeout_s", "story_deadline_s", "backoff_s", "max_backoff_s"):
+    for name in ("timeout_s", "story_deadline_s", "backoff_s", "max_backoff_s", "retry_budget_min_per_s",
+                 "local.capacity_step_s"):
         _check(_get(j, name) > 0, f"{at}.{name}", "must be > 0")
-    for name in ("price.input_per_mtok", "price.output_per_mtok", "price.flex_factor", "local.latency_min_s"):
+    for name in ("price.input_per_mtok", "price.output_per_mtok", "price.flex_factor", "local.latency_min_s",
+                 "retry_budget"):
         _check(_get(j, name) >= 0, f"{at}.{name}", "must be >= 0")
+    _check(all(c >= 1 for c in j.local.capacity), f"{at}.local.capacity",
+           f"{list(j.local.capacity)}: every capacity level must be >= 1 (requests served at once); [] = none")
+    _check(j.local.shed_factor >= 1, f"{at}.local.shed_factor", "must be >= 1 (shed at this multiple of capacity)")
     _check(j.local.latency_max_s >= j.local.latency_min_s, f"{at}.local.latency_max_s",
            f"({j.local.latency_max_s}) must be >= {at}.local.latency_min_s ({j.local.latency_min_s})")
     _check(0 <= j.local.fault_rate <= 1, f"{at}.local.fault_rate", "must be in [0, 1]")
+
+
+# Ray's node label syntax (Kubernetes'): a name or value of <= 63 characters, alphanumeric at both
+# ends, "-_." inside; a key may carry a DNS-subdomain prefix "prefix/name"
+_LABEL_PART = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+_RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _check_node_selector(selector, at: str) -> None:
+    for key, value in selector.labels.items():
+        _check(not isinstance(value, dict), f"{at}.labels.{key}", "a label key with dots is split by the command "
+               f"line: write {at}.labels={{{key}.NAME: VALUE}}")
+        prefix, _, name = key.rpartition("/")
+        _check(bool(_LABEL_PART.fullmatch(name)) and all(_LABEL_PART.fullmatch(p) for p in prefix.split(".") if prefix),
+               f"{at}.labels", f"{key!r} is not a Ray label key (alphanumerics and -_. inside, <= 63 characters)")
+        _check(not key.startswith("ray.io/"), f"{at}.labels", f"{key!r}: the ray.io/ prefix is Ray's own")
+        _check(bool(_LABEL_PART.fullmatch(str(value))), f"{at}.labels.{key}",
+               f"{value!r} is not a Ray label value (alphanumerics and -_. inside, <= 63 characters)")
+    for name, amount in selector.resources.items():
+        _check(name not in _RAY_RESOURCES and not name.startswith("node:"), f"{at}.resources",
+               f"{name!r} is Ray's own resource: name a custom one (`ray start --resources`)")
+        _check(amount > 0, f"{at}.resources.{name}", "must be > 0")
 
 
 def _get(node, dotted: str):

@@ -166,6 +166,11 @@ class LocalJudgeConfig:
     rpm_limit: int = 0  # 0 = none; the server answers 429 beyond it and counts a violation
     fault_rate: float = 0.0  # mixed evenly: 429, 503, hang past the timeout, truncated JSON, schema-violating JSON
     seed: int = 0
+    # a service short of capacity (reward/stand_in_capacity.py): [] = none. Capacity levels, each held
+    # capacity_step_s, repeated; requests in service share it; shed (429/503) at shed_factor x capacity
+    capacity: list[int] = field(default_factory=list)
+    capacity_step_s: float = 30.0
+    shed_factor: float = 1.5
 
 
 @dataclass
@@ -190,6 +195,8 @@ class JudgeServiceConfig:
     rpm_burst: int = 0  # requests that may go back to back before pacing at rpm; 0 = rpm / 10
     input_tpm: int = 2_000_000  # input tokens per minute; 0 = no limit
     max_in_flight: int = 64
+    adaptive_in_flight: bool = True  # in flight follows the service's latency and sheds, under max_in_flight
+    initial_in_flight: int = 16  # the adaptive window's start (capped by max_in_flight)
     num_workers: int = 4  # async reward workers (parse, score, retry); they lease from one limiter
     dispatch_batch: int = 16  # stories per Ray call to a worker
     # retries we own: 408/429/5xx, timeouts, bad JSON; then the story is invalid
@@ -198,6 +205,8 @@ class JudgeServiceConfig:
     max_backoff_s: float = 120.0
     timeout_s: float = 900.0  # one attempt (flex latency runs to minutes)
     story_deadline_s: float = 3600.0  # all attempts of one story
+    retry_budget: float = 0.2  # retries over 10 s at most this share of first attempts, plus the floor below
+    retry_budget_min_per_s: float = 1.0  # a retry beyond the budget waits for it (never fails for it)
     price: JudgePriceConfig = field(default_factory=JudgePriceConfig)
     unanswered_output_tokens: int = 4096  # an attempt sent and never answered is priced at its input estimate + this
     cache: bool = True
@@ -261,6 +270,23 @@ class WeightSyncConfig:
 
 
 @dataclass
+class NodeSelectorConfig:
+    """The Ray nodes a role may use: each label must match the node's (`ray start --labels k=v`),
+    and each custom resource (`ray start --resources '{"name": n}'`) is reserved per learner rank or
+    engine. Empty: any node."""
+    labels: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PlacementConfig:
+    """Where the roles run on a multi-node cluster (docs/design.md#scale-out); checked against the
+    cluster at start."""
+    learner: NodeSelectorConfig = field(default_factory=NodeSelectorConfig)
+    engines: NodeSelectorConfig = field(default_factory=NodeSelectorConfig)
+
+
+@dataclass
 class Config:
     mode: str = "train"  # train | check (validate config, data and environment, then exit) | eval
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -272,4 +298,5 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -5,11 +5,9 @@ workers), the loopback judge, DeepSpeed's store and the weight group; while it r
 lists the listening sockets (TCP LISTEN, and UDP sockets bound without a peer) of the driver's
 process tree and of every process of the run's Ray session, several times, until it exits.
 """
-import ipaddress
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.cluster.ray_nodes import SocketWatch
+
 ROOT = Path(__file__).resolve().parents[2]
 SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
-
-
-def is_loopback(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip.split("%")[0])
-    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
 def run_processes(root: psutil.Process, sessions: set[str]) -> dict[int, psutil.Process]:
@@ -76,25 +71,15 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quic
                                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
     sessions: set[str] = set()
-    seen: dict[tuple[str, str, int], tuple[int, str]] = {}  # (proto, ip, port) -> (pid, process)
+    watch = SocketWatch()
     probed: set[int] = set()
     judge = gcs = store = False
-    polls = 0
     deadline = time.monotonic() + 840
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            for pid, p in run_processes(root, sessions).items():
-                try:
-                    name = " ".join(p.cmdline())[:120] or p.name()
-                    conns = p.net_connections(kind="inet")
-                except psutil.Error:
-                    continue
+            for pid, name, conns in watch.poll(run_processes(root, sessions).values()):
                 for c in conns:
-                    udp = c.type == socket.SOCK_DGRAM
-                    if not (c.status == psutil.CONN_LISTEN or (udp and not c.raddr and c.laddr)):
-                        continue
-                    seen.setdefault(("udp" if udp else "tcp", c.laddr.ip, c.laddr.port), (pid, name))
-                    if udp:
+                    if c.status != psutil.CONN_LISTEN:
                         continue
                     gcs = gcs or "gcs_server" in name
                     # a TCPStore's master holds a client of its own server: DeepSpeed's and the weight group's
@@ -103,7 +88,6 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quic
                     if pid == proc.pid and c.laddr.port not in probed:
                         probed.add(c.laddr.port)
                         judge = judge or is_judge_server(c.laddr.port)
-            polls += 1
             time.sleep(0.5)
         rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -111,11 +95,10 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quic
             proc.kill()
             proc.wait()
     text = log.read_text()
-    listing = "\n".join(f"{proto} {ip}:{port} pid {pid} {name}" for (proto, ip, port), (pid, name) in sorted(seen.items()))
+    listing = watch.listing()
     assert rc == 0, text[-4000:]
-    assert polls >= 3 and sessions, f"{polls} polls, sessions {sessions}\n{listing}"
+    assert watch.polls >= 3 and sessions, f"{watch.polls} polls, sessions {sessions}\n{listing}"
     assert judge and gcs and store, f"judge server {judge}, Ray GCS {gcs}, torch.distributed store {store}:\n{listing}"
-    exposed = [f"{proto} {ip}:{port} pid {pid} {name}" for (proto, ip, port), (pid, name) in seen.items()
-               if not is_loopback(ip)]
-    assert not exposed, "listening beyond loopback:\n" + "\n".join(exposed) + "\nall:\n" + listing
-    print(f"{len(seen)} listening sockets over {polls} polls, all on loopback:\n{listing}")
+    exposed = watch.exposed()
+    assert not exposed, "beyond loopback:\n" + "\n".join(exposed) + "\nall:\n" + listing
+    print(f"{len(watch.listening)} listening sockets over {watch.polls} polls, all on loopback:\n{listing}")

@@ -1,5 +1,6 @@
 """Resource plans per role and the request split over engines."""
-from cluster.placement import balance_requests, plan_placement
+from cluster.placement import Node, balance_requests, plan_placement, unplaceable
+from conf.schema import NodeSelectorConfig
 
 
 def test_gpu_plan_gives_every_learner_rank_a_gpu_and_each_engine_its_tp_gpus():
@@ -41,3 +42,45 @@ def test_learner_ranks_on_a_gpu_node_share_its_cores_less_one_per_engine():
     assert learner_threads(16, learners_on_node=2, engines_on_node=2) == 7  # the H200 box of conf=polaris
     assert learner_threads(128, learners_on_node=4, engines_on_node=0) == 32  # a learner-only node
     assert learner_threads(2, learners_on_node=4, engines_on_node=4) == 1  # never below one
+
+
+def test_node_selectors_add_their_custom_resources_to_every_bundle_and_keep_their_labels():
+    plan = plan_placement(device="cuda", learner_world_size=2, num_engines=1, tensor_parallel_size=2,
+                          learner_nodes=NodeSelectorConfig(labels={"polaris-role": "learner"}),
+                          engine_nodes=NodeSelectorConfig(resources={"rollout_slot": 1.0}))
+    assert plan.learner_bundles == [{"GPU": 1, "CPU": 1}] * 2 and plan.learner_labels == {"polaris-role": "learner"}
+    assert plan.engine_bundles == [{"GPU": 2, "CPU": 1, "rollout_slot": 1.0}] and plan.engine_labels == {}
+
+
+LEARNER_NODE = Node("127.0.0.2", {"polaris-role": "learner"}, {"CPU": 8, "GPU": 2})
+ROLLOUT_NODE = Node("127.0.0.3", {"polaris-role": "rollout"}, {"CPU": 8, "GPU": 4, "rollout_slot": 2})
+
+
+def labelled_plan(learners=2, engines=2, **kwargs):
+    return plan_placement(device="cuda", learner_world_size=learners, num_engines=engines, tensor_parallel_size=1,
+                          learner_nodes=NodeSelectorConfig(labels={"polaris-role": "learner"}),
+                          engine_nodes=NodeSelectorConfig(labels={"polaris-role": "rollout"}, **kwargs))
+
+
+def test_roles_that_fit_their_labelled_nodes_pass():
+    assert unplaceable(labelled_plan(), [LEARNER_NODE, ROLLOUT_NODE]) == []
+    assert unplaceable(labelled_plan(resources={"rollout_slot": 1.0}), [LEARNER_NODE, ROLLOUT_NODE]) == []
+
+
+def test_a_role_that_fits_nowhere_is_refused_with_the_numbers():
+    [problem] = unplaceable(labelled_plan(learners=3), [LEARNER_NODE, ROLLOUT_NODE])
+    assert problem == ("placement.learner: 3 learner rank(s) of {GPU: 1, CPU: 1} each on nodes labelled "
+                       "{polaris-role: learner}: 1 node(s) match (127.0.0.2 {GPU: 2, CPU: 8}), room for 2")
+    [problem] = unplaceable(labelled_plan(resources={"rollout_slot": 1.0}, engines=3), [LEARNER_NODE, ROLLOUT_NODE])
+    assert problem.startswith("placement.engines: 3 engine(s)") and problem.endswith("room for 2")
+    # a label no live node carries: nothing matches (the worker node gone, or a typo in the value)
+    [problem] = unplaceable(labelled_plan(), [LEARNER_NODE])
+    assert problem.endswith("nodes labelled {polaris-role: rollout}: 0 node(s) match, room for 0")
+
+
+def test_learners_are_placed_first_and_the_engines_get_what_is_left():
+    shared = Node("10.0.0.1", {}, {"CPU": 4, "GPU": 3})
+    plan = plan_placement(device="cuda", learner_world_size=2, num_engines=2, tensor_parallel_size=1)
+    [problem] = unplaceable(plan, [shared])
+    assert problem.startswith("placement.engines: 2 engine(s)") and problem.endswith("room for 1")
+    assert unplaceable(plan, [shared, Node("10.0.0.2", {}, {"CPU": 4, "GPU": 1})]) == []

@@ -6,12 +6,9 @@ The head is a second, module-scoped cluster next to the suite's shared one (whic
 dashboard, hence no job API, and which other tests expect as it is): its own temp dir, token and
 free ports, stopped by its pid (never `ray stop`: that ends every Ray process on the machine)."""
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +21,8 @@ import psutil
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-RAY = ROOT / ".venv" / "bin" / "ray"
+from tests.cluster.ray_nodes import RAY, ROOT, Node, free_ports, http_get, node_env, wait_for
+
 SMALL = ["data.prompts_per_step=2", "rollout.sampling.max_new_tokens=64"]  # 2 steps in seconds, not minutes
 SERIES = re.compile(r"^(?P<name>\w+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
 
@@ -35,31 +32,22 @@ def head():
     tmp = Path(tempfile.mkdtemp(prefix="polray"))  # short: Ray's socket paths must fit 107 bytes
     token = tmp / "token"
     token.write_text(secrets.token_hex(32))
-    ports = dict(zip(("ray", "dashboard", "metrics", "client", "agent", "agent_grpc", "env_agent"), _free_ports(7)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "GEMINI_API_KEY"}
-    env.update(BLOCK="1", NUM_CPUS="4", TEMP_DIR=str(tmp / "ray"), RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN_PATH=str(token), RAY_PORT=str(ports["ray"]), DASHBOARD_PORT=str(ports["dashboard"]),
-               METRICS_PORT=str(ports["metrics"]),
-               RAY_metrics_report_interval_ms="1000")  # Ray's 10 s would outlast a 2-step run's last step
-    log = open(tmp / "head.log", "w")
-    proc = subprocess.Popen(
-        [str(ROOT / "cluster" / "start_head.sh"), "--ray-client-server-port", str(ports["client"]),
-         "--dashboard-agent-listen-port", str(ports["agent"]), "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
-         "--runtime-env-agent-port", str(ports["env_agent"])],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ports = dict(zip(("ray", "dashboard", "metrics", "client", "agent", "agent_grpc", "env_agent"), free_ports(7)))
+    env = node_env(tmp, token, NUM_CPUS="4", TEMP_DIR=str(tmp / "ray"), RAY_PORT=str(ports["ray"]),
+                   DASHBOARD_PORT=str(ports["dashboard"]), METRICS_PORT=str(ports["metrics"]),
+                   RAY_metrics_report_interval_ms="1000")  # Ray's 10 s would outlast a 2-step run's last step
+    node = Node.start("start_head.sh", ["--ray-client-server-port", str(ports["client"]),
+                                        "--dashboard-agent-listen-port", str(ports["agent"]),
+                                        "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
+                                        "--runtime-env-agent-port", str(ports["env_agent"])], env, tmp / "head.log")
     url = f"http://127.0.0.1:{ports['dashboard']}"
     client_env = {**env, "RAY_ADDRESS": url}
     del client_env["BLOCK"]
     try:
-        _wait_for(lambda: _get(f"{url}/api/jobs/", token.read_text()) is not None, 90, proc, tmp / "head.log")
-        yield {"url": url, "token": token.read_text(), "ports": ports, "env": client_env, "proc": proc}
+        wait_for(lambda: http_get(f"{url}/api/jobs/", token.read_text()) is not None, 90, node.proc, node.log)
+        yield {"url": url, "token": token.read_text(), "ports": ports, "env": client_env, "proc": node.proc}
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        node.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -83,14 +71,14 @@ def tiny_run(head, tiny_model_path, tmp_path_factory):
 
     scraped, status = "", None
     while time.monotonic() - start < 240:
-        text = _get(f"http://127.0.0.1:{head['ports']['metrics']}/metrics") or ""
+        text = http_get(f"http://127.0.0.1:{head['ports']['metrics']}/metrics") or ""
         if not scraped and any(v >= 1 for _, v in _series(text, "ray_polaris_step", run=run_tag(out))):
             scraped = text
         status = _job(head, job_id)["status"]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(0.25)
-    logs = json.loads(_get(f"{head['url']}/api/jobs/{job_id}/logs", head["token"]))["logs"]
+    logs = json.loads(http_get(f"{head['url']}/api/jobs/{job_id}/logs", head["token"]))["logs"]
     return {"status": status, "logs": logs, "out": out, "scraped": scraped}
 
 
@@ -154,10 +142,10 @@ def test_job_stop_gives_the_driver_time_to_save(head, tmp_path):
                              "--", "python", str(tmp_path / "driver.py")],
                             env=head["env"], capture_output=True, text=True, timeout=60)
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    _wait_for(lambda: "running" in (_get(f"{head['url']}/api/jobs/{job_id}/logs", head["token"]) or ""), 60)
+    wait_for(lambda: "running" in (http_get(f"{head['url']}/api/jobs/{job_id}/logs", head["token"]) or ""), 60)
     stop = subprocess.run([str(RAY), "job", "stop", job_id], env=head["env"], capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    _wait_for(lambda: _job(head, job_id)["status"] == "STOPPED", 30)
+    wait_for(lambda: _job(head, job_id)["status"] == "STOPPED", 30)
     assert (tmp_path / "saved").read_text() == "ok"
 
 
@@ -172,17 +160,6 @@ def test_live_metrics_are_a_no_op_without_ray():
     assert proc.stdout.split() == ["False", "False"]
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports free on loopback right now (held open together so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _series(text: str, name: str, **match) -> list[tuple[dict, float]]:
     """(labels, value) of every sample of `name` in Prometheus text whose labels include `match`."""
     found = []
@@ -194,23 +171,4 @@ def _series(text: str, name: str, **match) -> list[tuple[dict, float]]:
 
 
 def _job(head, job_id) -> dict:
-    return json.loads(_get(f"{head['url']}/api/jobs/{job_id}", head["token"]))
-
-
-def _get(url: str, token: str | None = None) -> str | None:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
-
-
-def _wait_for(condition, timeout_s: float, proc=None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the head exited ({proc.returncode}): {log.read_text()[-3000:] if log else ''}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout_s}s")
-        time.sleep(0.25)
+    return json.loads(http_get(f"{head['url']}/api/jobs/{job_id}", head["token"]))

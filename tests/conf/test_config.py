@@ -88,6 +88,13 @@ BAD = [
     (["weight_sync.fault.kind=explode"], ["weight_sync.fault.kind", "engine_dies", "learner_dies"]),
     (["rollout.num_engines=1", "weight_sync.fault.kind=engine_dies", "weight_sync.fault.engine=1"],
      ["weight_sync.fault.engine", "0..0"]),
+    (["placement.learner.labels.-role=a"], ["placement.learner.labels", "'-role'", "Ray label key"]),
+    (["placement.engines.labels.role=a b"], ["placement.engines.labels.role", "'a b'", "Ray label value"]),
+    (["placement.engines.labels={ray.io/node-id: x}"], ["placement.engines.labels", "ray.io/"]),
+    (["placement.engines.labels.example.com/role=x"], ["placement.engines.labels.example",
+                                                       "placement.engines.labels={example.NAME: VALUE}"]),
+    (["placement.learner.resources.GPU=1"], ["placement.learner.resources", "'GPU'", "custom one"]),
+    (["placement.engines.resources.rollout_slot=0"], ["placement.engines.resources.rollout_slot", "> 0"]),
 ]
 
 

@@ -58,6 +58,7 @@ class FakeRoles:
     def __init__(self, spent_usd: float = 0.0):
         self.weight_version = 0
         self.generation = []
+        self.placement = None  # no Ray: nothing placed
         self.reward_pool = SimpleNamespace(total_usd=spent_usd, cache=None, submit=lambda job, **_: Future(),
                                            judge_down=lambda: None)
 
@@ -383,6 +384,8 @@ for prefix, pool, loopback in (("judge", reward_pool, loopback_judge),
     PROBES.update({f"{prefix}.{k}": P(v, loopback) for k, v in LOOPBACK})
     PROBES[f"{prefix}.local.latency_min_s"] = P("0.1", loopback, also=(f"{prefix}.local.latency_max_s=1",))
     PROBES[f"{prefix}.vertex"] = P("true", pool, conf="polaris", also=(f"{prefix}.backend=gemini",))
+PROBES.update({f"placement.{role}.{k}": P(v, placement) for role in ("learner", "engines")
+               for k, v in (("labels", "{polaris-role: gpu-a}"), ("resources", "{big_node: 1}"))})
 PROBES.update({
     "judge.service_tier": P("standard", reward_pool, conf="polaris"),
     "eval.judge.service_tier": P("flex", evaluation_pool, conf="polaris"),
