@@ -23,11 +23,14 @@ def tiny35_model_path():
 def quick_run():
     """conf=tiny overrides for end-to-end runs whose assertions depend on neither story length nor
     a step's size: 2 prompts a step and stories of at most 64 tokens take a step from ~10 s to ~2 s
-    on 2 cores (a launch's ~35 s of actor start-up stays). stories: the policy stories of a step."""
+    on 2 cores (a launch's ~35 s of actor start-up stays). stories: the policy stories of a step.
+    one_engine_args: the same with one engine and one reward worker, for runs whose assertions do
+    not depend on how many there are (each one fewer is a process less to start)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(args=["data.prompts_per_step=2", "rollout.sampling.max_new_tokens=64",
-                                 "rollout.val_sampling.max_new_tokens=64"], stories=2 * 6)
+    args = ["data.prompts_per_step=2", "rollout.sampling.max_new_tokens=64", "rollout.val_sampling.max_new_tokens=64"]
+    return SimpleNamespace(args=args, one_engine_args=[*args, "rollout.num_engines=1", "judge.num_workers=1"],
+                           stories=2 * 6)
 
 
 @pytest.fixture(scope="session")

@@ -104,7 +104,7 @@ def test_an_engine_lost_mid_sync_is_recovered_within_the_deadline_and_the_run_co
 def test_a_learner_dying_mid_sync_stops_the_run_with_its_last_checkpoint_intact(tmp_path, ray_address, tiny_model_path,
                                                                                 quick_run):
     out = tmp_path / "learner-dies"
-    proc = start([*quick_run.args, *SYNC_FAULT, "weight_sync.fault.kind=learner_dies", "trainer.save_every=1"],
+    proc = start([*quick_run.one_engine_args, *SYNC_FAULT, "weight_sync.fault.kind=learner_dies", "trainer.save_every=1"],
                  out, ray_address, tiny_model_path)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 2, stderr[-3000:]
@@ -129,7 +129,7 @@ def test_a_judge_key_revoked_mid_run_stops_the_run_after_a_checkpoint(tmp_path, 
     a checkpoint and exits 2 with one line naming the judge, the status and the way out."""
     out = tmp_path / "revoked"
     with LocalJudgeServer() as srv:
-        proc = start([*quick_run.args, "trainer.total_steps=3", "trainer.save_every=0", "judge.backend=gemini",
+        proc = start([*quick_run.one_engine_args, "trainer.total_steps=3", "trainer.save_every=0", "judge.backend=gemini",
                       f"judge.base_url={srv.base_url}"], out, ray_address, tiny_model_path,
                      env_extra={"GEMINI_API_KEY": "AIza-revoked-mid-run"})
         wait_for(lambda: len(logged_steps(out)) >= 1, proc)
@@ -155,7 +155,7 @@ def test_planted_api_keys_appear_in_no_output(tmp_path, ray_address, tiny_model_
             "WANDB_API_KEY": "PLANTED-wandb-0d3e4f" + "0" * 20}
     out = tmp_path / "secrets"
     with LocalJudgeServer() as srv:
-        proc = start([*quick_run.args, "trainer.total_steps=1", "judge.backend=gemini",
+        proc = start([*quick_run.one_engine_args, "trainer.total_steps=1", "judge.backend=gemini",
                       f"judge.base_url={srv.base_url}"], out, ray_address, tiny_model_path, env_extra=keys)
         stdout, stderr = proc.communicate(timeout=900)
         served = len(srv.requests)

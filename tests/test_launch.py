@@ -187,7 +187,7 @@ def test_a_faulty_judge_run_completes_and_its_repeat_pays_only_for_what_failed(t
     same step run again from the same judge cache pays only for the stories that failed."""
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent)}
     stories = quick_run.stories  # step 0 has no reference row yet
-    common = [*quick_run.args, "trainer.total_steps=1", f"judge.cache_path={tmp_path / 'judge_cache.sqlite'}",
+    common = [*quick_run.one_engine_args, "trainer.total_steps=1", f"judge.cache_path={tmp_path / 'judge_cache.sqlite'}",
               "judge.local.rpm_limit=600", "judge.timeout_s=3"]
     # asked for 2 steps under a budget that step 0 (about $0.02 at the loopback's token counts) leaves
     # too little of for a second: the run stops cleanly before step 1 and still saves the policy
@@ -227,7 +227,7 @@ def test_one_step_off_policy_overlap_trains_rows_one_update_old(tmp_path, ray_ad
     row is one update old and the learner weighs it by the truncated importance ratio."""
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent)}
     out = tmp_path / "overlap"
-    proc = launch_run([*quick_run.args, "trainer.total_steps=3", "rollout.max_staleness=1",
+    proc = launch_run([*quick_run.one_engine_args, "trainer.total_steps=3", "rollout.max_staleness=1",
                        f"trainer.output_dir={out}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

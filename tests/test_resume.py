@@ -56,7 +56,7 @@ def env(ray_address, tiny_model_path):
 
 @pytest.fixture
 def common(quick_run):
-    return [*quick_run.args, "judge.local.latency_max_s=0.2"]
+    return [*quick_run.one_engine_args, "judge.local.latency_max_s=0.2"]
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def runs(tmp_path_factory, ray_address, tiny35_model_path, quick_run):
     """Three steps straight, and the same run stopped after two and resumed for the third."""
     root = tmp_path_factory.mktemp("tiny35")
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny35_model_path).parent), "WANDB_MODE": "offline"}
-    quick = quick_run.args
+    quick = quick_run.one_engine_args
     straight = launch([*quick, f"trainer.output_dir={root / 'straight'}", "trainer.total_steps=3", "trainer.save_every=1"],
                       env)
     # the learner's start-up lines: its optimizer and threads, and the kernel path per layer type
@@ -120,7 +120,7 @@ def test_mode_eval_runs_on_an_exported_tiny35(runs, tmp_path, quick_run):
     subprocess.run([sys.executable, "-m", "learner.export", str(root / "straight"), str(tmp_path / "policy")],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     proc = launch(["mode=eval", f"eval.checkpoint={tmp_path / 'policy'}", f"trainer.output_dir={tmp_path / 'out'}",
-                   *quick_run.args], env)
+                   *quick_run.one_engine_args], env)
     stories = [json.loads(line) for line in (tmp_path / "out" / "eval" / "policy" / "generations.jsonl").open()]
     assert len(stories) == 24 and all(s["judgment"] is not None for s in stories), proc.stdout[-2000:]
 

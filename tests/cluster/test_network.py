@@ -67,7 +67,7 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quic
     log = tmp_path / "launch.log"
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "launch.py", "trainer.total_steps=2", f"trainer.output_dir={out}",
-                                 "trainer.progress_bar=false", "trainer.eval_every=0", *quick_run.args],
+                                 "trainer.progress_bar=false", "trainer.eval_every=0", *quick_run.one_engine_args],
                                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
     sessions: set[str] = set()

@@ -32,9 +32,12 @@ def head():
     tmp = Path(tempfile.mkdtemp(prefix="polray"))  # short: Ray's socket paths must fit 107 bytes
     token = tmp / "token"
     token.write_text(secrets.token_hex(32))
-    ports = dict(zip(("ray", "dashboard", "metrics", "client", "agent", "agent_grpc", "env_agent"), free_ports(7)))
+    ports = dict(zip(("ray", "dashboard", "metrics", "client", "agent", "agent_grpc", "env_agent", "dashboard_metrics",
+                      "autoscaler_metrics"), free_ports(9)))
     env = node_env(tmp, token, NUM_CPUS="4", TEMP_DIR=str(tmp / "ray"), RAY_PORT=str(ports["ray"]),
                    DASHBOARD_PORT=str(ports["dashboard"]), METRICS_PORT=str(ports["metrics"]),
+                   DASHBOARD_METRIC_PORT=str(ports["dashboard_metrics"]),  # Ray fixes 44227, 44217: one cluster a machine
+                   AUTOSCALER_METRIC_PORT=str(ports["autoscaler_metrics"]),
                    RAY_metrics_report_interval_ms="1000")  # Ray's 10 s would outlast a 2-step run's last step
     node = Node.start("start_head.sh", ["--ray-client-server-port", str(ports["client"]),
                                         "--dashboard-agent-listen-port", str(ports["agent"]),

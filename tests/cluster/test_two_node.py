@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.two_node]
 RUNNING = ("PENDING", "RUNNING")  # a job's status before it ends
 HEAD_LABEL, WORKER_LABEL = "polaris-role=learner", "polaris-role=rollout"
 RUN = ["conf=tiny", "trainer.progress_bar=false", "trainer.eval_every=0", "trainer.total_steps=3",
-       "trainer.save_every=1", "rollout.num_engines=1", "judge.num_workers=1",
+       "trainer.save_every=1",
        "placement.learner.labels.polaris-role=learner", "placement.engines.labels.polaris-role=rollout"]
 
 
@@ -140,7 +140,7 @@ def runs(cluster, tiny_model_path, tmp_path_factory, quick_run):
     watcher = threading.Thread(target=watching, daemon=True)
     watcher.start()
     try:
-        first = submit(cluster, out, tmp / "runtime_env.yaml", quick_run.args)
+        first = submit(cluster, out, tmp / "runtime_env.yaml", quick_run.one_engine_args)
         wait_for(lambda: checkpoint.complete_checkpoints(out) or job(cluster, first)["status"] not in RUNNING, 600)
         assert job(cluster, first)["status"] == "RUNNING", job_logs(cluster, first)[-3000:]
         saved = [c.name for c in checkpoint.complete_checkpoints(out)]
@@ -153,7 +153,7 @@ def runs(cluster, tiny_model_path, tmp_path_factory, quick_run):
                   if list((c / "learner").iterdir())}  # before the resume writes (and prunes) more
         cluster["worker"].stop()
         cluster["worker"] = cluster["start_worker"]()
-        second = submit(cluster, out, tmp / "runtime_env.yaml", quick_run.args)
+        second = submit(cluster, out, tmp / "runtime_env.yaml", quick_run.one_engine_args)
         second_status = finished(cluster, second)
         second_logs = job_logs(cluster, second)
     finally:

@@ -34,7 +34,7 @@ def trained(tmp_path_factory, ray_address, tiny_model_path, quick_run):
     """A one-step tiny run with trainer.eval_every=1, and its checkpoint exported."""
     out = tmp_path_factory.mktemp("eval") / "run"
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent), "WANDB_MODE": "offline"}
-    proc = launch([*quick_run.args, "trainer.total_steps=1", "trainer.eval_every=1", f"trainer.output_dir={out}"], env)
+    proc = launch([*quick_run.one_engine_args, "trainer.total_steps=1", "trainer.eval_every=1", f"trainer.output_dir={out}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = out.parent / "exported"
     proc_export = subprocess.run([sys.executable, "-m", "learner.export", str(out / "checkpoints" / "step_000001"),
@@ -61,7 +61,7 @@ def test_periodic_validation_writes_its_own_rows(trained):
 def test_eval_of_an_exported_checkpoint_against_the_base_model(trained, tiny_model_path, tmp_path):
     _, exported, env, _, quick_run = trained
     proc = launch(["mode=eval", f"eval.checkpoint={exported}", f"eval.compare={tiny_model_path}",
-                   f"trainer.output_dir={tmp_path}", *quick_run.args], env)
+                   f"trainer.output_dir={tmp_path}", *quick_run.one_engine_args], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     base = Path(tiny_model_path).resolve().name
     folder = tmp_path / "eval" / f"exported_vs_{base}"
