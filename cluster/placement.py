@@ -37,12 +37,10 @@ def plan_placement(*, device: str, learner_world_size: int, num_engines: int, te
     """learner_nodes / engine_nodes: the nodes each role may use (config placement.*): their custom
     resources join every bundle of the role, their labels select its nodes."""
     learner_nodes, engine_nodes = learner_nodes or NodeSelectorConfig(), engine_nodes or NodeSelectorConfig()
-    if device == "cuda":
-        learner = [{"GPU": 1, "CPU": 1, **learner_nodes.resources} for _ in range(learner_world_size)]
-        engines = [{"GPU": tensor_parallel_size, "CPU": 1, **engine_nodes.resources} for _ in range(num_engines)]
-    else:  # CPU: a core's worth of logical CPU each; the roles take turns, so torch uses every core
-        learner = [{"CPU": 1, **learner_nodes.resources} for _ in range(learner_world_size)]
-        engines = [{"CPU": 1, **engine_nodes.resources} for _ in range(num_engines)]
+    # CPU: a core's worth of logical CPU each; the roles take turns, so torch uses every core
+    learner_gpus, engine_gpus = ({"GPU": 1}, {"GPU": tensor_parallel_size}) if device == "cuda" else ({}, {})
+    learner = [{**learner_gpus, "CPU": 1, **learner_nodes.resources} for _ in range(learner_world_size)]
+    engines = [{**engine_gpus, "CPU": 1, **engine_nodes.resources} for _ in range(num_engines)]
     return PlacementPlan(learner, engines, dict(learner_nodes.labels), dict(engine_nodes.labels))
 
 
@@ -58,26 +56,32 @@ class Node:
         return cls(node["NodeManagerAddress"], dict(node.get("Labels") or {}), dict(node["Resources"]))
 
 
+def live_nodes() -> list[Node]:
+    import ray
+
+    return [Node.from_ray(n) for n in ray.nodes() if n["Alive"]]
+
+
 def unplaceable(plan: PlacementPlan, nodes: Sequence[Node]) -> list[str]:
     """Why each role cannot fit on these nodes, with the numbers; empty when both fit. Learners are
     packed first, then the engines into what is left, each bundle whole on one node with matching
     labels (as Ray places bundles). Totals, not what is free now: a busy cluster waits in reserve()."""
-    free = {n.address: dict(n.resources) for n in nodes}
+    free = [dict(n.resources) for n in nodes]  # by position: nodes on one machine share an address
     problems = []
     for role, key, bundles, labels in (("learner rank", "placement.learner", plan.learner_bundles, plan.learner_labels),
                                        ("engine", "placement.engines", plan.engine_bundles, plan.engine_labels)):
-        matching = [n for n in nodes if all(n.labels.get(k) == v for k, v in labels.items())]
+        matching = [i for i, n in enumerate(nodes) if all(n.labels.get(k) == v for k, v in labels.items())]
         placed = 0
         for bundle in bundles:
-            node = next((n for n in matching if all(free[n.address].get(r, 0) >= a for r, a in bundle.items())), None)
+            node = next((i for i in matching if all(free[i].get(r, 0) >= a for r, a in bundle.items())), None)
             if node is None:
                 continue
             placed += 1
             for r, a in bundle.items():
-                free[node.address][r] -= a
+                free[node][r] -= a
         if placed < len(bundles):
             where = f"nodes labelled {_fmt(labels)}" if labels else "the cluster's nodes"
-            offered = "; ".join(f"{n.address} {_fmt(_relevant(n.resources, bundles[0]))}" for n in matching)
+            offered = "; ".join(f"{nodes[i].address} {_fmt(_relevant(nodes[i].resources, bundles[0]))}" for i in matching)
             problems.append(f"{key}: {len(bundles)} {role}(s) of {_fmt(bundles[0])} each on {where}: "
                             f"{len(matching)} node(s) match{' (' + offered + ')' if offered else ''}, room for {placed}")
     return problems
@@ -128,10 +132,7 @@ class Placement:
     def engines_unplaceable(self) -> list[str]:
         """Why the engines could not all be placed on the nodes alive now (after a node was lost:
         Ray re-places the lost bundles only where their labels and resources allow); empty if they can."""
-        import ray
-
-        nodes = [Node.from_ray(n) for n in ray.nodes() if n["Alive"]]
-        return [p for p in unplaceable(self.plan, nodes) if p.startswith("placement.engines")] if self.plan else []
+        return [p for p in unplaceable(self.plan, live_nodes()) if p.startswith("placement.engines")] if self.plan else []
 
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -148,7 +149,7 @@ def reserve(plan: PlacementPlan, *, name: str, timeout_s: float = 120.0) -> Plac
 
     from conf.errors import EnvironmentSetupError
 
-    problems = unplaceable(plan, [Node.from_ray(n) for n in ray.nodes() if n["Alive"]])
+    problems = unplaceable(plan, live_nodes())
     if problems:
         raise EnvironmentSetupError("the run fits nowhere on this cluster: " + "; ".join(problems))
     learner = placement_group(plan.learner_bundles, strategy="PACK", name=f"{name}/learner",

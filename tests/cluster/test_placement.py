@@ -84,3 +84,14 @@ def test_learners_are_placed_first_and_the_engines_get_what_is_left():
     [problem] = unplaceable(plan, [shared])
     assert problem.startswith("placement.engines: 2 engine(s)") and problem.endswith("room for 1")
     assert unplaceable(plan, [shared, Node("10.0.0.2", {}, {"CPU": 4, "GPU": 1})]) == []
+
+
+def test_nodes_that_share_an_address_keep_their_own_resources():
+    """Two nodes of one machine (both on 127.0.0.1, as in tests/cluster/test_two_node.py)."""
+    nodes = [Node("127.0.0.1", {"polaris-role": "learner"}, {"CPU": 2}), Node("127.0.0.1", {"polaris-role": "rollout"}, {"CPU": 2})]
+    plan = plan_placement(device="cpu", learner_world_size=2, num_engines=2, tensor_parallel_size=1,
+                          learner_nodes=NodeSelectorConfig(labels={"polaris-role": "learner"}),
+                          engine_nodes=NodeSelectorConfig(labels={"polaris-role": "rollout"}))
+    assert unplaceable(plan, nodes) == []
+    [problem] = unplaceable(plan, nodes[::-1][:1] + [Node("127.0.0.1", {"polaris-role": "learner"}, {"CPU": 1})])
+    assert problem.startswith("placement.learner: 2 learner rank(s)") and problem.endswith("room for 1")
