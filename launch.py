@@ -94,7 +94,8 @@ def train(cfg: Config) -> Path | None:
     from actors.pipeline import join_consumers
     from actors.tracking import start_tracker
     from cluster.connect import connect_ray
-    from cluster.roles import judge_settings, start_roles
+    from cluster.judge_pool import judge_settings
+    from cluster.roles import start_roles
     from eval.run import PeriodicValidation
     from reward.judge_client import preflight
     from reward.judge_server import judge_endpoint
@@ -125,8 +126,7 @@ def train(cfg: Config) -> Path | None:
     if stopped:
         print(f"stopped: {stopped}")
     if judge_server:
-        stats = judge_server.stats()
-        print(f"loopback judge: {stats['accepted']} requests accepted, {stats['violations']} rate-limit violations")
+        print(judge_server.summary())
     print(f"done: metrics in {output_dir / 'metrics.jsonl'}; policy in {hf_path or 'the last checkpoint'}; "
           f"judge spend ${roles.reward_pool.total_usd:.4f}")
     return hf_path

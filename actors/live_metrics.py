@@ -19,6 +19,10 @@ GAUGES = {  # Ray metric name -> the coordinator's metrics key
     "polaris_length_ratio_mean": "length/ratio_mean",
     "polaris_judge_in_flight": "judge/in_flight",
     "polaris_judge_queue_depth": "judge/queue_depth",
+    "polaris_judge_window": "judge/window",  # the adaptive in-flight window (reward/concurrency.py)
+    "polaris_judge_shed_rate": "judge/shed_rate",
+    "polaris_judge_goodput_per_s": "judge/goodput_per_s",
+    "polaris_judge_retry_budget_used": "judge/retry_budget_used",
     "polaris_judge_failed": "judge/failed",
     "polaris_judge_spend_usd": "judge/spend_usd_total",
     "polaris_weight_version": "weight_version",

@@ -114,7 +114,7 @@ def main() -> None:
 
     import ray
 
-    from cluster.roles import start_reward_pool
+    from cluster.judge_pool import start_reward_pool
     from conf import load_config
     from reward.judge_server import LocalJudgeServer
 

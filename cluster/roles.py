@@ -12,28 +12,20 @@ from dataclasses import dataclass, field
 import ray
 from transformers import AutoTokenizer
 
-from actors.checkpoint import judge_cache_file
 from actors.engine import SamplingParams
 from actors.rollout_worker import RolloutWorker, Sample
+from cluster import NAMESPACE
+from cluster.judge_pool import start_reward_pool
 from cluster.netutil import free_port
 from cluster.placement import Placement, PlacementPlan, balance_requests, plan_placement, reserve
 from cluster.sync_faults import SyncFault
 from cluster.sync_verify import probe_token_ids, probe_tolerance, verify_sync
 from cluster.transport import WeightSyncError
 from conf.errors import EnvironmentSetupError, RoleLostError
-from conf.schema import Config, JudgeServiceConfig, SyncFaultConfig
+from conf.schema import Config, SyncFaultConfig
 from learner.settings import DTYPES, LearnerSettings, resolve_optimizer
 from learner.worker import LearnerWorker, TrainBatch, TrainRow, combine_rank_metrics
-from reward.cache import JudgeCache
-from reward.components import RewardParams
-from reward.judge_client import JudgeSettings, RetryPolicy, Secret
-from reward.judge_watch import JudgeWatch
-from reward.limiter import LimiterService, RateLimits, RemoteLimiter
 from reward.pool import RewardPool
-from reward.spend import Prices
-from reward.worker import RewardWorker
-
-NAMESPACE = "polaris"
 
 
 @ray.remote(num_cpus=0)
@@ -64,8 +56,6 @@ def learner_threads(cfg: Config, placement: Placement) -> list[int]:
 
 _LearnerActor = ray.remote(LearnerWorker)
 _RolloutActor = ray.remote(RolloutWorker)
-_RewardActor = ray.remote(RewardWorker)
-_LimiterActor = ray.remote(LimiterService)
 
 
 @dataclass(frozen=True)
@@ -119,8 +109,9 @@ class Roles:
         limiter = ray.get(self.limiter.stats.remote())
         return {**self.reward_pool.take_metrics(step), "judge/in_flight": limiter["in_flight"],
                 "judge/queue_depth": limiter["waiting"], "judge/requests_last_window": limiter["requests_in_window"],
-                "judge/window": limiter["window"], "judge/retry_budget_used": limiter["retry_budget_used"],
-                "judge/retries_held": limiter["retries_held"]}
+                "judge/window": limiter["window"], "judge/shed_rate": limiter["shed_rate"],
+                "judge/goodput_per_s": limiter["answered_per_s"],
+                "judge/retry_budget_used": limiter["retry_budget_used"], "judge/retries_held": limiter["retries_held"]}
 
     # --- learner ---
     def train(self, batch: TrainBatch) -> dict[str, float]:
@@ -263,18 +254,8 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     names = [f"{run_name}/{role}-{i}" for role, n in (("learner", cfg.learner.world_size),
              ("rollout", cfg.rollout.num_engines), ("reward", cfg.judge.num_workers)) for i in range(n)]
     _wait_until_released([*names, f"{run_name}/judge-limiter"], output_dir)
-    gpu = 1 if cfg.trainer.device == "cuda" else 0
-    settings = learner_settings(cfg, model_path=model_path, pad_token_id=pad_token_id)
-    world = cfg.learner.world_size
     placement = reserve(placement_plan(cfg), name=run_name)
-    master = ray.get(_rendezvous_address.options(**placement.learner(0)).remote())
-    threads = learner_threads(cfg, placement)
-    learners = [
-        _LearnerActor.options(name=f"{run_name}/learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu,
-                              **placement.learner(r))
-        .remote(settings, r, world, *master, num_threads=threads[r])
-        for r in range(world)
-    ]
+    learners = start_learners(cfg, model_path, pad_token_id=pad_token_id, run_name=run_name, placement=placement)
     rollouts = start_rollouts(cfg, model_path, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
                               run_name=run_name, placement=placement)
     limiter, reward_workers, pool = start_reward_pool(cfg, judge_base_url, run_name, output_dir)
@@ -284,6 +265,21 @@ def start_roles(cfg: Config, *, model_path: str, stop_token_ids: list[int], pad_
     _form_weight_group(cfg, roles)
     print(ray.get(learners[0].startup_line.remote()))
     return roles
+
+
+def start_learners(cfg: Config, model_path: str, *, pad_token_id: int, run_name: str, placement: Placement) -> list:
+    """The learner ranks, rendezvoused on rank 0's node."""
+    gpu = 1 if cfg.trainer.device == "cuda" else 0
+    settings = learner_settings(cfg, model_path=model_path, pad_token_id=pad_token_id)
+    world = cfg.learner.world_size
+    master = ray.get(_rendezvous_address.options(**placement.learner(0)).remote())
+    threads = learner_threads(cfg, placement)
+    return [
+        _LearnerActor.options(name=f"{run_name}/learner-{r}", namespace=NAMESPACE, num_cpus=1, num_gpus=gpu,
+                              **placement.learner(r))
+        .remote(settings, r, world, *master, num_threads=threads[r])
+        for r in range(world)
+    ]
 
 
 def learner_settings(cfg: Config, *, model_path: str, pad_token_id: int) -> LearnerSettings:
@@ -371,45 +367,6 @@ def _wait_until_released(names: list[str], output_dir: str, timeout_s: float = 6
             time.sleep(0.5)
 
 
-def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_dir: str, *, evaluation: bool = False):
-    """One limiter actor (the project's rate limit), N async reward workers leasing from it, and
-    the driver-side pool that batches stories to them. The workers are restarted if they die;
-    the pool re-sends their unanswered stories. The judge is cfg.judge, or cfg.eval.judge for evaluation."""
-    j = cfg.eval.judge if evaluation else cfg.judge
-    limits = RateLimits(rpm=j.rpm, burst=j.rpm_burst, input_tpm=j.input_tpm, max_in_flight=j.max_in_flight,
-                        lease_ttl_s=j.timeout_s + 60, adaptive=j.adaptive_in_flight,
-                        initial_in_flight=j.initial_in_flight, retry_budget=j.retry_budget,
-                        retry_budget_min_per_s=j.retry_budget_min_per_s)
-    limiter_name = f"{run_name}/judge-limiter"
-    beside_driver = _beside_driver()
-    limiter = _LimiterActor.options(name=limiter_name, namespace=NAMESPACE, num_cpus=0, max_concurrency=10_000,
-                                    **beside_driver).remote(limits)
-    settings = judge_settings(j, judge_base_url, evaluation=evaluation)
-    secret = Secret.from_environment(settings)  # the driver's environment: workers may not share it
-    workers = [
-        _RewardActor.options(name=f"{run_name}/reward-{i}", namespace=NAMESPACE, num_cpus=0, max_restarts=3,
-                             max_concurrency=10_000, **beside_driver)
-        .remote(settings, RewardParams.from_config(cfg.reward), RemoteLimiter(limiter_name, NAMESPACE), secret)
-        for i in range(j.num_workers)
-    ]
-    cache_file = judge_cache_file(j, output_dir, evaluation=evaluation)
-    cache = JudgeCache(cache_file) if cache_file is not None else None
-    watch = None if evaluation else JudgeWatch(settings, max_rejections=cfg.judge.max_consecutive_rejections,
-                                               max_dry_steps=cfg.judge.max_steps_without_judgment)
-    pool = RewardPool(workers, cache_params=settings.cache_params(), cache=cache, batch_size=j.dispatch_batch,
-                      prices=Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor),
-                      flex=settings.flex, watch=watch)
-    return limiter, workers, pool
-
-
-def _beside_driver() -> dict:
-    """The judge's actors on the driver's node (preferred, not required): they hold no device, and
-    a lost engine or learner node must not take the run's rate limiter with it."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
-
-
 def weight_sync_settings(cfg: Config) -> SyncSettings:
     """The learner-to-engines weight group; backend auto: nccl on cuda, gloo on cpu."""
     w = cfg.weight_sync
@@ -431,13 +388,3 @@ def _form_weight_group(cfg: Config, roles: Roles) -> None:
              for i, w in enumerate(roles.rollouts)]
     joins.append(roles.learners[0].init_weight_sync.remote(s.backend, host, port, world, s.bucket_mb, s.timeout_s))
     ray.get(joins)
-
-
-def judge_settings(j: JudgeServiceConfig, base_url: str, *, evaluation: bool = False) -> JudgeSettings:
-    retry = RetryPolicy(max_attempts=j.max_attempts, backoff_s=j.backoff_s, max_backoff_s=j.max_backoff_s,
-                        timeout_s=j.timeout_s, deadline_s=j.story_deadline_s)
-    return JudgeSettings(backend=j.backend, model=j.model, base_url=base_url or j.base_url, api_key_env=j.api_key_env,
-                         vertex=j.vertex, flex=j.service_tier == "flex", temperature=j.temperature, top_p=j.top_p,
-                         seed=None if j.seed < 0 else j.seed, thinking_level=j.thinking_level,
-                         max_output_tokens=j.max_output_tokens or None, retry=retry, evaluation=evaluation,
-                         unanswered_output_tokens=j.unanswered_output_tokens)

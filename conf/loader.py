@@ -243,6 +243,7 @@ def _check_judge(j, at: str) -> None:
     _one_of(j.backend, f"{at}.backend", ("local", "gemini", "openai"))
     _one_of(j.service_tier, f"{at}.service_tier", ("flex", "standard"))
     _one_of(j.thinking_level, f"{at}.thinking_level", ("minimal", "low", "medium", "high"))
+    _one_of(j.order, f"{at}.order", ("deadline", "fifo"))
     for name in ("rpm", "rpm_burst", "input_tpm", "max_output_tokens", "local.rpm_limit"):
         _check(_get(j, name) >= 0, f"{at}.{name}", "must be >= 0 (0 = none)")
     for name in ("max_in_flight", "initial_in_flight", "num_workers", "dispatch_batch", "max_attempts"):

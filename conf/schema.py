@@ -197,6 +197,7 @@ class JudgeServiceConfig:
     max_in_flight: int = 64
     adaptive_in_flight: bool = True  # in flight follows the service's latency and sheds, under max_in_flight
     initial_in_flight: int = 16  # the adaptive window's start (capped by max_in_flight)
+    order: str = "deadline"  # deadline: the story closest to blocking a step first, validation last | fifo
     num_workers: int = 4  # async reward workers (parse, score, retry); they lease from one limiter
     dispatch_batch: int = 16  # stories per Ray call to a worker
     # retries we own: 408/429/5xx, timeouts, bad JSON; then the story is invalid

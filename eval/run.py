@@ -202,7 +202,8 @@ def evaluate(cfg) -> Path:
     from actors.checkpoint import run_name
     from actors.codec import ChatCodec
     from cluster.connect import connect_ray
-    from cluster.roles import judge_settings, start_eval_roles
+    from cluster.judge_pool import judge_settings
+    from cluster.roles import start_eval_roles
     from eval.report import write_report
     from reward.judge_client import preflight
     from reward.judge_server import judge_endpoint

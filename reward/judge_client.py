@@ -9,6 +9,10 @@ exponential backoff with jitter, never shorter than the service's Retry-After. B
 max_attempts and a per-story deadline counted from the first attempt (time queued behind the
 rate limit before it does not count: it is the pool's backlog, not the story's trouble).
 
+Each attempt's lease carries the story's priority (the caller's key, then the attempts it has
+made: the story nearest its deadline first) and comes back with what the attempt says about the
+service's load: its latency when answered, or that it was shed (429, 503, a timeout).
+
 Billing (reward/spend.py): an attempt sent and never answered is priced at its estimate; a story
 reports its cost so far as it goes, so the attempts of a worker that dies are not lost.
 """
@@ -66,9 +70,13 @@ class JudgeResult:
 
 
 class Limiter(Protocol):
-    async def acquire(self, tokens: int = 0) -> int: ...
+    async def acquire(self, tokens: int = 0, priority: tuple = (), retry: bool = False) -> int: ...
 
-    def release(self, lease_id: int, actual_tokens: int | None = None) -> None: ...
+    def release(self, lease_id: int, actual_tokens: int | None = None, latency_s: float | None = None,
+                shed: bool = False) -> None: ...
+
+
+SHED_STATUS = frozenset({429, 503})
 
 
 class _Retryable(Exception):
@@ -97,6 +105,11 @@ def classify(e: BaseException) -> _Retryable | None:
     except ImportError:
         pass
     return None
+
+
+def _shed(e: BaseException) -> bool:
+    """The service refused the attempt for want of capacity, or did not answer in time."""
+    return isinstance(e, asyncio.TimeoutError) or (isinstance(e, JudgeHTTPError) and e.status in SHED_STATUS)
 
 
 def _never_billed(e: BaseException) -> bool:
@@ -133,17 +146,21 @@ class Judge:
         return delay
 
     async def judge(self, prompt_text: str, story: str,
-                    report: Callable[[Billing], None] = lambda billing: None) -> JudgeResult:
+                    report: Callable[[Billing], None] = lambda billing: None,
+                    priority: tuple | None = None) -> JudgeResult:
         """Judge one story. prompt_text must already lack its length sentence. report(billing): the
         story's cost so far, before each send (that attempt priced as unanswered) and after each
-        attempt that is retried (as billed)."""
+        attempt that is retried (as billed). priority: the story's place in the limiter's queue
+        (lower first; the attempts made are appended, so the story nearest its deadline goes
+        first); None: first come, first served."""
         req = rubric.build_judge_request(prompt_text, story)
         estimate, unanswered_out = estimate_input_tokens(req), self.unanswered_output_tokens
         tin = tout = 0
         wait_s, first_send, error, rejected = 0.0, None, "not attempted", None
         for attempt in range(1, self.retry.max_attempts + 1):
             t0 = self._clock()
-            lease = await self.limiter.acquire(estimate)
+            place = () if priority is None else (*priority, 1 - attempt)
+            lease = await self.limiter.acquire(estimate, place, attempt > 1)
             now = self._clock()
             wait_s += now - t0
             first_send = now if first_send is None else first_send
@@ -154,9 +171,11 @@ class Judge:
                 attempt -= 1  # not sent
                 break
             report(Billing(tin + estimate, tout + unanswered_out, attempt))
-            billed = None
+            billed = latency = None
+            shed = False
             try:
                 answer = await self.api.send(req, timeout_s=min(self.retry.timeout_s, remaining))
+                latency = self._clock() - now
                 billed = answer.input_tokens
                 tin, tout = tin + answer.input_tokens, tout + answer.output_tokens
                 judgment = rubric.parse_judgment(answer.text)
@@ -168,8 +187,9 @@ class Judge:
                 if billed is None and not _never_billed(e):
                     tin, tout = tin + estimate, tout + unanswered_out
                 rejected = e.status if isinstance(e, JudgeHTTPError) and retry is None else None
+                shed = _shed(e)
             finally:
-                self.limiter.release(lease, billed)
+                self.limiter.release(lease, billed, latency, shed)
             if retry is None or attempt == self.retry.max_attempts:
                 break
             report(Billing(tin, tout, attempt))
@@ -217,7 +237,7 @@ class Judge:
 
 @dataclass(frozen=True)
 class JudgeSettings:
-    """What a reward worker needs to build its judge (cluster/roles.py fills it from config)."""
+    """What a reward worker needs to build its judge (cluster/judge_pool.py fills it from config)."""
 
     backend: str  # local | gemini | openai
     model: str

@@ -23,6 +23,9 @@ What a request goes through, on either API:
   ok, 429 (with Retry-After: retry_after_s), 503, slow (+slow_s), hang (+hang_s, past the
   client's timeout), truncated (JSON cut in half), schema (valid JSON the rubric rejects).
 - every accepted request sleeps uniform(latency_s) before answering, faults included.
+- capacity (a CapacitySchedule; reward/stand_in_capacity.py): a service short of capacity.
+  An arrival with too many in service is shed at once (429 with Retry-After: 1, or 503). Otherwise
+  its uniform(latency_s) is service time, shared with the others in service.
 
     with LocalJudgeServer(rpm_limit=60, latency_s=(0.5, 2.0), faults=Faults.mixed(0.1)) as srv:
         genai.Client(http_options={"base_url": srv.base_url})  # or base_url + "/v1" for OpenAI
@@ -48,6 +51,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from reward import rubric
+from reward.stand_in_capacity import CapacitySchedule, SharedCapacity
 from reward.stand_in_faults import OUTCOMES, Faults
 from reward.stand_in_scores import break_schema, judge_json
 from reward.stand_in_wire import Call, Gemini, OpenAI, Wire
@@ -67,7 +71,7 @@ class LocalJudgeServer:
                  latency_s: tuple[float, float] = (0.0, 0.0), rpm_limit: int = 0,
                  window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, keep_requests: int = 256,
-                 history_s: float = 600.0):
+                 history_s: float = 600.0, capacity: CapacitySchedule | None = None, shed_factor: float = 1.5):
         """clock: the RPM window's and the handling times' time; sleep: every latency, slow and
         hang delay goes through it (tests pass fakes). keep_requests: the latest arrivals kept in
         `requests`; history_s: how far back accepted_since() can look (at least window_s)."""
@@ -81,6 +85,8 @@ class LocalJudgeServer:
         self.latency_s = (float(lo), float(hi))
         self.rpm_limit, self.window_s = rpm_limit, window_s
         self._clock, self._sleep = clock, sleep
+        self.capacity_schedule, self.shed_factor = capacity, shed_factor
+        self.capacity: SharedCapacity | None = None  # made on the server's loop, when it starts
         self._recent: deque[dict] = deque(maxlen=keep_requests)  # {"path", "body", "headers"} without key headers
         self.history_s = max(history_s, window_s)
         self._refuse_with: int | None = None
@@ -143,7 +149,14 @@ class LocalJudgeServer:
                 "latency_p50_s": _quantile(handling, 0.50),
                 "latency_p99_s": _quantile(handling, 0.99),
                 "billed": dict(self._billed),  # usage of every answer sent, faulty JSON included
+                "capacity": self.capacity.stats() if self.capacity is not None else None,
             }
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        stats, capacity = self.stats(), self.stats()["capacity"]
+        shed = f", {capacity['shed_429'] + capacity['shed_503']} shed for want of capacity" if capacity else ""
+        return f"loopback judge: {stats['accepted']} requests accepted, {stats['violations']} rate-limit violations{shed}"
 
     # -- request handling -------------------------------------------------------------------
 
@@ -184,6 +197,9 @@ class LocalJudgeServer:
         if wait_s is not None:
             return _error(wire, 429, "stand-in judge: requests per minute exceeded",
                           retry_after=max(1, math.ceil(wait_s)))
+        shed = self.capacity.shed() if self.capacity is not None else None
+        if shed is not None:
+            return _error(wire, shed, "stand-in judge: over capacity", retry_after=1 if shed == 429 else None)
         outcome = self._script.pop(0) if self._script else self._draw()
         start = self._clock()
         with self._lock:
@@ -229,6 +245,9 @@ class LocalJudgeServer:
     async def _answer(self, body: dict, request: web.Request, wire: Wire,
                       outcome: str) -> web.Response:
         delay = self._latency_rng.uniform(*self.latency_s)
+        if self.capacity is not None:
+            await self.capacity.serve(delay)
+            delay = 0.0
         delay += {"slow": self.faults.slow_s, "hang": self.faults.hang_s}.get(outcome, 0.0)
         if delay > 0:
             await self._sleep(delay)
@@ -274,7 +293,9 @@ class LocalJudgeServer:
         """From conf.schema.JudgeConfig: its `local` section; hangs outlast the client's timeout."""
         local = judge.local
         faults = Faults.mixed(local.fault_rate, seed=local.seed, hang_s=judge.timeout_s + 30)
-        return cls(faults=faults, latency_s=(local.latency_min_s, local.latency_max_s), rpm_limit=local.rpm_limit)
+        capacity = CapacitySchedule(tuple(local.capacity), local.capacity_step_s) if local.capacity else None
+        return cls(faults=faults, latency_s=(local.latency_min_s, local.latency_max_s), rpm_limit=local.rpm_limit,
+                   capacity=capacity, shed_factor=local.shed_factor)
 
     def start(self) -> str:
         """Serve on 127.0.0.1 in a background thread; returns the base URL."""
@@ -312,6 +333,8 @@ class LocalJudgeServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
+        if self.capacity_schedule is not None:
+            self.capacity = SharedCapacity(self.capacity_schedule, self.shed_factor, self._clock)
         self.port = self._runner.addresses[0][1]
         self.base_url = f"http://127.0.0.1:{self.port}"
 
@@ -351,9 +374,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"))
     p.add_argument("--fault-rate", type=float, default=0.0, help="see Faults.mixed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--capacity", type=int, nargs="+", default=None, metavar="C",
+                   help="capacity levels, each held --capacity-step seconds, repeated")
+    p.add_argument("--capacity-step", type=float, default=30.0)
+    p.add_argument("--shed-factor", type=float, default=1.5)
     a = p.parse_args(argv)
-    srv = LocalJudgeServer(a.port, Faults.mixed(a.fault_rate, seed=a.seed),
-                           latency_s=tuple(a.latency), rpm_limit=a.rpm, window_s=a.window)
+    capacity = CapacitySchedule(tuple(a.capacity), a.capacity_step) if a.capacity else None
+    srv = LocalJudgeServer(a.port, Faults.mixed(a.fault_rate, seed=a.seed), latency_s=tuple(a.latency),
+                           rpm_limit=a.rpm, window_s=a.window, capacity=capacity, shed_factor=a.shed_factor)
     print(f"stand-in judge at {srv.start()} (stats: GET /stats); Ctrl-C stops", flush=True)
     try:
         threading.Event().wait()

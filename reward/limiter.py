@@ -1,5 +1,5 @@
 """One rate limit for the whole project: requests and input tokens per sliding window, and
-requests in flight. Plain asyncio; cluster/roles.py runs one instance as an async Ray actor that
+requests in flight. Plain asyncio; cluster/judge_pool.py runs one instance as an async Ray actor that
 every reward worker leases from (one lease per HTTP attempt, retries included).
 
 The windows are sliding logs of grant times, the way a service counts arrivals: that is the
@@ -11,14 +11,27 @@ requests refilled at rpm per window spreads them evenly at the limit's rate.
 Requests arrive at the service a little after their grant (a Ray reply, the request built and
 sent), so the window is widened by margin_s: grants inside any window_s + margin_s never exceed
 the limit, hence arrivals inside any window_s never do unless one trails its grant by more.
+
+Under those hard limits (which hold whatever else happens):
+- adaptive: the in-flight cap follows the service (reward/concurrency.py): every attempt's outcome
+  comes back on release (its latency, or that it was shed), and one window serves every worker.
+- order: waiters are granted by priority (lowest first; equal ones first come, first served), the
+  key the caller sends (reward/pool.py: the story closest to blocking a step first).
+- retry budget: retries granted in the last retry_window_s stay under retry_budget x first
+  attempts + retry_budget_min_per_s x retry_window_s; a retry beyond it waits (it never fails for
+  it) while first attempts go past it, so a shedding service is not hammered.
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
+
+from reward.concurrency import AdaptiveWindow
 
 
 @dataclass(frozen=True)
@@ -30,10 +43,24 @@ class RateLimits:
     window_s: float = 60.0
     margin_s: float = 1.0
     lease_ttl_s: float = 3600.0  # a lease whose holder died is reclaimed after this
+    adaptive: bool = False  # the in-flight cap follows the service's latency and sheds, under max_in_flight
+    initial_in_flight: int = 16  # the adaptive window's start
+    retry_budget: float | None = None  # retries per first attempt (plus the floor below); None: no budget
+    retry_budget_min_per_s: float = 1.0
+    retry_window_s: float = 10.0
 
     def __post_init__(self):
-        if self.rpm < 0 or self.input_tpm < 0 or self.max_in_flight < 1 or self.window_s <= 0 or self.margin_s < 0:
+        if self.rpm < 0 or self.input_tpm < 0 or self.max_in_flight < 1 or self.window_s <= 0 or self.margin_s < 0 \
+                or self.initial_in_flight < 1 or (self.retry_budget is not None and self.retry_budget < 0) \
+                or self.retry_budget_min_per_s < 0 or self.retry_window_s <= 0:
             raise ValueError(f"invalid rate limits: {self}")
+
+
+class Ask(NamedTuple):
+    """One attempt's request for a lease."""
+    tokens: int = 0  # estimated input tokens
+    priority: tuple = ()  # lower goes first
+    retry: bool = False  # not the story's first attempt: under the retry budget
 
 
 @dataclass
@@ -57,29 +84,37 @@ class RateLimiter:
         self._tokens_in_window = 0
         self._open: dict[int, _Lease] = {}
         self._ids = itertools.count(1)
-        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._waiters: list[tuple[tuple, int, Ask, asyncio.Future]] = []  # a heap: (priority, arrival, ...)
+        self._arrivals = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
-        self.granted = 0
+        self.window = (AdaptiveWindow(limits.initial_in_flight, limits.max_in_flight) if limits.adaptive else None)
+        self._firsts: deque[float] = deque()  # grant times of first attempts inside retry_window_s
+        self._retries: deque[float] = deque()  # and of retries
+        self._answers: deque[float] = deque()  # release times of answered attempts inside window_s
+        self._sheds: deque[float] = deque()  # and of shed ones
+        self.retries_held = 0
+        self.granted = self.shed = 0
         self.wait_s_total = 0.0
 
-    def try_acquire(self, tokens: list[int]) -> list[int]:
-        """Leases for the leading requests of a batch that fit now, without waiting (none while
-        anyone queues: FIFO); the caller acquires the rest one by one."""
+    def try_acquire(self, asks: list[Ask]) -> list[int]:
+        """Leases for the leading asks of a batch that fit now, without waiting (none while anyone
+        queues); the caller acquires the rest one by one."""
         now = self._clock()
         self._prune(now)
         granted = []
         if not self._waiters:
-            for t in tokens:
-                if not self._fits(max(0, int(t))):
+            for ask in asks:
+                if not (self._fits(ask.tokens) and (not ask.retry or self._retry_allowed())):
                     break
-                granted.append(self._grant(max(0, int(t)), now))
+                granted.append(self._grant(ask, now))
         self._grant_ready()
         return granted
 
-    async def acquire(self, tokens: int = 0) -> int:
+    async def acquire(self, tokens: int = 0, priority: tuple = (), retry: bool = False) -> int:
         """Wait for capacity; returns a lease id for release()."""
         future = asyncio.get_running_loop().create_future()
-        self._waiters.append((max(0, int(tokens)), future))
+        heapq.heappush(self._waiters, (tuple(priority), next(self._arrivals), Ask(max(0, int(tokens)), priority, retry),
+                                       future))
         self._grant_ready()
         start = self._clock()
         try:
@@ -92,21 +127,53 @@ class RateLimiter:
         self.wait_s_total += self._clock() - start
         return lease_id
 
-    def release(self, lease_id: int, actual_tokens: int | None = None) -> None:
-        """The attempt ended. actual_tokens (from the answer's usage) replaces the estimate."""
+    def release(self, lease_id: int, actual_tokens: int | None = None, latency_s: float | None = None,
+                shed: bool = False) -> None:
+        """The attempt ended. actual_tokens (from the answer's usage) replaces the estimate;
+        latency_s: it was answered after that long; shed: refused for want of capacity or timed out."""
+        now = self._clock()
+        in_flight = len(self._open)
         lease = self._open.pop(lease_id, None)
         if lease is None:
             return
-        if actual_tokens is not None and self._clock() - lease.granted < self._span:
+        if actual_tokens is not None and now - lease.granted < self._span:
             self._tokens_in_window += actual_tokens - lease.tokens
             lease.tokens = actual_tokens
+        if shed:
+            self.shed += 1
+            self._sheds.append(now)
+            if self.window is not None:
+                self.window.on_shed(in_flight, now)
+        elif latency_s is not None:
+            self._answers.append(now)
+            if self.window is not None:
+                self.window.on_answer(latency_s, in_flight, now)
         self._grant_ready()
 
     def stats(self) -> dict:
         self._prune(self._clock())
+        answered, shed = len(self._answers), len(self._sheds)
+        budget = self._retry_allowance()
         return {"granted": self.granted, "in_flight": len(self._open), "waiting": len(self._waiters),
                 "requests_in_window": len(self._requests), "tokens_in_window": self._tokens_in_window,
-                "wait_s_total": self.wait_s_total}
+                "wait_s_total": self.wait_s_total, "window": self._cap(),
+                "answered_per_s": answered / self.limits.window_s,  # goodput over the last window_s
+                "shed_rate": shed / (answered + shed) if answered + shed else 0.0,
+                "shed": self.shed, "retries_held": self.retries_held,
+                "retry_budget_used": len(self._retries) / budget if budget else 0.0}
+
+    def _cap(self) -> int:
+        return self.window.size if self.window is not None else self.limits.max_in_flight
+
+    def _retry_allowance(self) -> float:
+        """Retries the budget allows in the trailing retry_window_s; inf without a budget."""
+        lim = self.limits
+        if lim.retry_budget is None:
+            return float("inf")
+        return lim.retry_budget * len(self._firsts) + lim.retry_budget_min_per_s * lim.retry_window_s
+
+    def _retry_allowed(self) -> bool:
+        return len(self._retries) < self._retry_allowance()
 
     def _prune(self, now: float) -> None:
         self._bucket = min(self._burst, self._bucket + (now - self._bucket_at) * self._pace_per_s)
@@ -117,16 +184,22 @@ class RateLimiter:
             self._tokens_in_window -= self._tokens.popleft().tokens
         for lease_id in [i for i, lease in self._open.items() if now - lease.granted > self.limits.lease_ttl_s]:
             del self._open[lease_id]
+        for times, span in ((self._firsts, self.limits.retry_window_s), (self._retries, self.limits.retry_window_s),
+                            (self._answers, self.limits.window_s), (self._sheds, self.limits.window_s)):
+            while times and now - times[0] >= span:
+                times.popleft()
 
     def _fits(self, tokens: int) -> bool:
         lim = self.limits
-        if len(self._open) >= lim.max_in_flight:
+        if len(self._open) >= min(lim.max_in_flight, self._cap()):
             return False
         if lim.rpm and (len(self._requests) >= lim.rpm or self._bucket < 1):
             return False
         return not lim.input_tpm or self._tokens_in_window + tokens <= lim.input_tpm or not self._tokens
 
-    def _grant(self, tokens: int, now: float) -> int:
+    def _grant(self, ask: Ask, now: float) -> int:
+        tokens = max(0, int(ask.tokens))
+        (self._retries if ask.retry else self._firsts).append(now)
         lease_id, lease = next(self._ids), _Lease(now, tokens)
         self._open[lease_id] = lease
         self._requests.append(now)
@@ -146,17 +219,31 @@ class RateLimiter:
             times.append(self._tokens[0].granted + self._span)
         if self._open:
             times.append(min(lease.granted for lease in self._open.values()) + self.limits.lease_ttl_s)
+        if self.retries_held and self._retries:
+            times.append(self._retries[0] + self.limits.retry_window_s)
         return max(0.0, min(times) - now) if times else None
 
     def _grant_ready(self) -> None:
-        """Grant the head of the queue while it fits; then wake up when the window next moves
-        (a timer, not a task: nothing is left pending when the process ends)."""
+        """Grant the best waiter while it fits (a retry over the budget steps aside for the ones
+        behind it); then wake up when the window next moves (a timer, not a task: nothing is left
+        pending when the process ends)."""
         now = self._clock()
         self._prune(now)
-        while self._waiters and (self._waiters[0][1].done() or self._fits(self._waiters[0][0])):
-            tokens, future = self._waiters.popleft()
-            if not future.done():  # a cancelled acquire takes nothing
-                future.set_result(self._grant(tokens, now))
+        held = []
+        while self._waiters:
+            ask, future = self._waiters[0][2:]
+            if future.done():  # a cancelled acquire takes nothing
+                heapq.heappop(self._waiters)
+            elif ask.retry and not self._retry_allowed():
+                held.append(heapq.heappop(self._waiters))
+            elif self._fits(ask.tokens):
+                heapq.heappop(self._waiters)
+                future.set_result(self._grant(ask, now))
+            else:
+                break
+        for waiter in held:
+            heapq.heappush(self._waiters, waiter)
+        self.retries_held = len(held)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -172,18 +259,20 @@ class LimiterService:
     def __init__(self, limits: RateLimits):
         self.limiter = RateLimiter(limits)
 
-    async def acquire(self, tokens: int = 0) -> int:
-        return await self.limiter.acquire(tokens)
+    async def acquire(self, tokens: int = 0, priority: tuple = (), retry: bool = False) -> int:
+        return await self.limiter.acquire(tokens, priority, retry)
 
-    async def try_acquire(self, tokens: list[int]) -> list[int]:
-        return self.limiter.try_acquire(tokens)
+    async def try_acquire(self, asks: list[Ask]) -> list[int]:
+        return self.limiter.try_acquire([Ask(*a) for a in asks])
 
-    async def release(self, lease_id: int, actual_tokens: int | None = None) -> None:
-        self.limiter.release(lease_id, actual_tokens)
+    async def release(self, lease_id: int, actual_tokens: int | None = None, latency_s: float | None = None,
+                      shed: bool = False) -> None:
+        self.limiter.release(lease_id, actual_tokens, latency_s, shed)
 
-    async def release_many(self, leases: list[tuple[int, int | None]]) -> None:
-        for lease_id, actual_tokens in leases:
-            self.limiter.release(lease_id, actual_tokens)
+    async def release_many(self, leases: list[tuple]) -> None:
+        """(lease_id, actual_tokens, latency_s, shed) each."""
+        for lease in leases:
+            self.limiter.release(*lease)
 
     async def stats(self) -> dict:
         return self.limiter.stats()
@@ -202,8 +291,8 @@ class RemoteLimiter:
     def __init__(self, name: str, namespace: str, release_delay_s: float = 0.05):
         self.name, self.namespace, self.release_delay_s = name, namespace, release_delay_s
         self._handle = None
-        self._acquires: list[tuple[int, asyncio.Future]] = []
-        self._releases: list[tuple[int, int | None]] = []
+        self._acquires: list[tuple[Ask, asyncio.Future]] = []
+        self._releases: list[tuple] = []
         self._release_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
         self.calls = 0  # Ray calls made (acquire, try_acquire, release_many)
@@ -216,15 +305,16 @@ class RemoteLimiter:
             self._handle = ray.get_actor(self.name, namespace=self.namespace)
         return self._handle
 
-    async def acquire(self, tokens: int = 0) -> int:
+    async def acquire(self, tokens: int = 0, priority: tuple = (), retry: bool = False) -> int:
         future = asyncio.get_running_loop().create_future()
-        self._acquires.append((tokens, future))
+        self._acquires.append((Ask(tokens, priority, retry), future))
         if len(self._acquires) == 1:
             self._spawn(self._send_acquires())
         return await future
 
-    def release(self, lease_id: int, actual_tokens: int | None = None) -> None:
-        self._releases.append((lease_id, actual_tokens))
+    def release(self, lease_id: int, actual_tokens: int | None = None, latency_s: float | None = None,
+                shed: bool = False) -> None:
+        self._releases.append((lease_id, actual_tokens, latency_s, shed))
         if self._release_timer is None:
             self._release_timer = asyncio.get_running_loop().call_later(self.release_delay_s, self.flush)
 
@@ -248,7 +338,7 @@ class RemoteLimiter:
         batch, self._acquires = self._acquires, []
         try:
             self.calls += 1
-            leases = await self.handle.try_acquire.remote([tokens for tokens, _ in batch])
+            leases = await self.handle.try_acquire.remote([tuple(ask) for ask, _ in batch])
         except Exception as e:  # noqa: BLE001 -- every waiter of the batch gets the error
             for _, future in batch:
                 if not future.done():
@@ -256,13 +346,13 @@ class RemoteLimiter:
             return
         for (_, future), lease in zip(batch, leases):
             self._hand_over(future, lease)
-        for tokens, future in batch[len(leases):]:
-            self._spawn(self._acquire_one(tokens, future))
+        for ask, future in batch[len(leases):]:
+            self._spawn(self._acquire_one(ask, future))
 
-    async def _acquire_one(self, tokens: int, future: asyncio.Future) -> None:
+    async def _acquire_one(self, ask: Ask, future: asyncio.Future) -> None:
         try:
             self.calls += 1
-            self._hand_over(future, await self.handle.acquire.remote(tokens))
+            self._hand_over(future, await self.handle.acquire.remote(*ask))
         except Exception as e:  # noqa: BLE001
             if not future.done():
                 future.set_exception(e)

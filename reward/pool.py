@@ -15,6 +15,11 @@ story carries its training step, and take_metrics(step) counts that step's stori
 rollout.max_staleness=1 the next step is judged while this one trains). The judge watch
 (reward/judge_watch.py) sees every story and every step's outcome: judge_down().
 
+Order (order="deadline"): each story carries a priority to the limiter's queue, the story closest
+to blocking a step first: the oldest step, then the group with most rows already judged when it
+is dispatched (the judge client adds the attempts made: the story nearest its deadline);
+validation stories last. order="fifo": first come, first served.
+
 Everything runs on one background asyncio loop; submit() and the metrics are thread-safe.
 """
 from __future__ import annotations
@@ -23,7 +28,9 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import statistics
+import math
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 from conf.errors import JudgeError
@@ -61,9 +68,15 @@ class _Counters:
 class RewardPool:
     def __init__(self, workers: list, *, cache_params: dict, prices: Prices, flex: bool,
                  cache: JudgeCache | None = None, batch_size: int = 16, batch_wait_s: float = 0.005,
-                 max_resubmits: int = 2, watch: JudgeWatch | None = None):
+                 max_resubmits: int = 2, watch: JudgeWatch | None = None, order: str = "deadline",
+                 resubmit_backoff_s: float = 0.5):
         if not workers:
             raise ValueError("a reward pool needs at least one worker")
+        if order not in ("deadline", "fifo"):
+            raise ValueError(f"order must be deadline or fifo, got {order!r}")
+        self.order, self.resubmit_backoff_s = order, resubmit_backoff_s
+        self._judged: Counter[tuple[int | None, str]] = Counter()  # (step, group) -> stories judged
+        self._resubmitting: dict[int, tuple[asyncio.TimerHandle, _Item]] = {}
         self.workers, self.cache, self.cache_params = workers, cache, cache_params
         self.prices, self.flex = prices, flex
         self.batch_size, self.batch_wait_s, self.max_resubmits = batch_size, batch_wait_s, max_resubmits
@@ -109,6 +122,8 @@ class RewardPool:
             if step is not None:
                 for earlier in [s for s in self._steps if s is not None and s < step]:
                     del self._steps[earlier]
+                for key in [k for k in self._judged if k[0] is not None and k[0] <= step]:
+                    del self._judged[key]
                 if self.watch is not None:
                     self.watch.step(c.stories, c.failed)
             total = self.total_usd
@@ -147,6 +162,10 @@ class RewardPool:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for timer, item in self._resubmitting.values():
+            timer.cancel()
+            item.future.set_exception(JudgeError("the reward pool was closed"))
+        self._resubmitting.clear()
         while not self._queue.empty():
             self._queue.get_nowait().future.set_exception(JudgeError("the reward pool was closed"))
 
@@ -162,9 +181,16 @@ class RewardPool:
                     break
             for item in batch:
                 self._look_up(item)
+                item.job = dataclasses.replace(item.job, priority=self._priority(item))
             worker = min(range(len(self.workers)), key=self._outstanding.__getitem__)
             self._outstanding[worker] += len(batch)  # before the next batch is placed; _run_batch takes it off
             self._loop.create_task(self._run_batch(worker, batch))
+
+    def _priority(self, item: _Item) -> tuple | None:
+        if self.order == "fifo":
+            return None
+        step = item.step if item.step is not None else math.inf
+        return (not item.per_step, step, -self._judged[item.step, item.job.group])
 
     def _look_up(self, item: _Item) -> None:
         if self.cache is None or item.key is not None:
@@ -195,14 +221,19 @@ class RewardPool:
         except Exception as e:  # noqa: BLE001 -- a worker died or failed: its unanswered stories go again
             for item in pending.values():
                 item.reported = Billing()  # what the failed worker reported stays counted
-                if item.resubmits < self.max_resubmits:
+                if item.resubmits < self.max_resubmits:  # after a pause: Ray may be restarting the worker
                     item.resubmits += 1
-                    self._queue.put_nowait(item)
+                    delay = self.resubmit_backoff_s * 2 ** (item.resubmits - 1)
+                    self._resubmitting[id(item)] = (self._loop.call_later(delay, self._resubmit, item), item)
                 else:
                     item.future.set_exception(JudgeError(
                         f"reward worker failed on {item.job.key} {item.resubmits + 1} times: {type(e).__name__}: {e}"))
         finally:
             self._outstanding[worker] -= len(batch)
+
+    def _resubmit(self, item: _Item) -> None:
+        del self._resubmitting[id(item)]
+        self._queue.put_nowait(item)
 
     def _counters(self, item: _Item) -> _Counters:
         return self._steps.setdefault(item.step, _Counters()) if item.per_step else _Counters()
@@ -225,6 +256,7 @@ class RewardPool:
             self.cache.put(item.key, sample.judgment, sample.input_tokens, sample.output_tokens)
         self._charge(item, Billing(sample.input_tokens, sample.output_tokens, sample.judge_attempts))
         with self._lock:
+            self._judged[item.step, item.job.group] += 1
             c = self._counters(item)
             c.stories += 1
             c.failed += not sample.valid

@@ -1,5 +1,5 @@
 """The reward worker: judge stories, then fold each judgment and the story's text features into
-the POLARIS reward. A plain async class; cluster/roles.py makes it an async Ray actor, one of a
+the POLARIS reward. A plain async class; cluster/judge_pool.py makes it an async Ray actor, one of a
 pool that leases rate-limit capacity from one limiter actor (reward/limiter.py)."""
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ class ScoringJob:
     story_start: int  # index of the first story token (after </think>) in the response
     truncated: bool
     cached: Judgment | None = None  # a judgment from the cache: no judge call
+    priority: tuple | None = None  # its place in the judge's queue, lower first; None: first come, first served
+
+    @property
+    def group(self) -> str:
+        """The GRPO group it belongs to (the prompt's uid)."""
+        return self.key.rpartition("/")[0]
 
     def judged_texts(self) -> tuple[str, str]:
         """(prompt, story) as the judge sees them: no length sentence, no thinking."""
@@ -101,7 +107,7 @@ class RewardWorker:
             result = JudgeResult(job.cached, rubric.overall_score(job.cached, evaluation=self.settings.evaluation),
                                  0, 0, 0)
         else:
-            result = await self.judge.judge(prompt, story, report)
+            result = await self.judge.judge(prompt, story, report, job.priority)
         reward = None
         if result.ok:
             reward = score_response(result.overall / 100.0, story, job.target_words, job.num_tokens,

@@ -3,6 +3,7 @@ engine, Ray or judge is started; and it accepts the original POLARIS training fi
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -219,6 +220,27 @@ def test_a_faulty_judge_run_completes_and_its_repeat_pays_only_for_what_failed(t
     assert r["judge/cache_hit_rate"] == pytest.approx(r["judge/cache_hits"] / stories)
     if m["judge/failed"] == 0:
         assert r["judge/spend_usd"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_against_a_judge_that_sheds_load_judges_every_story_or_counts_it_invalid(tmp_path, ray_address,
+                                                                                       tiny_model_path, quick_run):
+    """The loopback judge with capacity for 2 stories at a time and then 1, shedding (429/503) at
+    1.5x that: the adaptive window shrinks to it, shed stories are retried, and the run completes."""
+    env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny_model_path).parent)}
+    proc = launch_run([*quick_run.one_engine_args, "trainer.total_steps=1", f"trainer.output_dir={tmp_path}",
+                       "judge.cache=false", "judge.local.capacity=[2,1]", "judge.local.capacity_step_s=3",
+                       "judge.local.latency_min_s=0.2", "judge.local.latency_max_s=0.3", "judge.backoff_s=0.2",
+                       "judge.initial_in_flight=8"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shed = int(re.search(r"(\d+) shed for want of capacity", proc.stdout).group(1))
+    assert shed > 0 and "0 rate-limit violations" in proc.stdout
+    (m,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert m["judge/stories"] == quick_run.stories, "every story judged or counted invalid"
+    assert m["judge/retries"] >= 1 and m["judge/requests"] == m["judge/stories"] + m["judge/retries"]
+    assert m["groups/rows_trained"] == quick_run.stories - m["judge/failed"]
+    assert 1 <= m["judge/window"] < 8, "the window came down from its start towards the capacity"
+    assert 0 < m["judge/shed_rate"] < 1 and m["judge/goodput_per_s"] > 0
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from actors.codec import ChatCodec
 from actors.coordinator import Coordinator
 from actors.data import PromptRecord, PromptSampler
 from actors.groups import GroupRow, assemble_step
-from cluster import roles
+from cluster import judge_pool, roles
 from conf import load_config
 from conf.schema import Config
 from eval import run as eval_run
@@ -136,9 +136,9 @@ def reward_pool(cfg, ctx, evaluation=False):
     for name, stand_in in (("_LimiterActor", limiter), ("_RewardActor", workers),
                            ("RewardPool", lambda made, **kwargs: pool.update(kwargs)),
                            ("JudgeCache", lambda path: f"JudgeCache({path})")):
-        ctx.monkeypatch.setattr(roles, name, stand_in)
+        ctx.monkeypatch.setattr(judge_pool, name, stand_in)
     with judge_endpoint(cfg.eval.judge if evaluation else cfg.judge) as (url, _):
-        refused = outcome(lambda: roles.start_reward_pool(cfg, url, "run", "out", evaluation=evaluation) and None)
+        refused = outcome(lambda: judge_pool.start_reward_pool(cfg, url, "run", "out", evaluation=evaluation) and None)
     return refused, plain((limiter.made, workers.made, pool))
 
 
@@ -149,7 +149,7 @@ def evaluation_pool(cfg, ctx):
 def loopback_judge(cfg, ctx, evaluation=False):
     """The loopback server judge_endpoint serves a judge.backend=local judge with."""
     with judge_endpoint(cfg.eval.judge if evaluation else cfg.judge) as (_, server):
-        return server.faults, server.latency_s, server.rpm_limit
+        return server.faults, server.latency_s, server.rpm_limit, server.capacity_schedule, server.shed_factor
 
 
 def evaluation_loopback_judge(cfg, ctx):
@@ -374,15 +374,19 @@ SERVICE = (("backend", "openai"), ("model", "another-model"), ("temperature", "0
            ("max_attempts", "2"), ("backoff_s", "0.5"), ("max_backoff_s", "5"), ("timeout_s", "30"),
            ("story_deadline_s", "60"), ("price.input_per_mtok", "1.0"), ("price.output_per_mtok", "5.0"),
            ("price.flex_factor", "0.25"), ("cache", "false"), ("cache_path", "/elsewhere/cache.sqlite"),
-           ("unanswered_output_tokens", "100"))
+           ("unanswered_output_tokens", "100"), ("adaptive_in_flight", "false"), ("initial_in_flight", "4"),
+           ("retry_budget", "0.5"), ("retry_budget_min_per_s", "2"), ("order", "fifo"))
 REMOTE = (("api_key_env", "OTHER_KEY"), ("base_url", "http://judge:8000/v1"))
-LOOPBACK = (("local.latency_max_s", "1"), ("local.rpm_limit", "60"), ("local.fault_rate", "0.1"), ("local.seed", "3"))
+LOOPBACK = (("local.latency_max_s", "1"), ("local.rpm_limit", "60"), ("local.fault_rate", "0.1"), ("local.seed", "3"),
+            ("local.capacity", "[4,2]"))
 for prefix, pool, loopback in (("judge", reward_pool, loopback_judge),
                                ("eval.judge", evaluation_pool, evaluation_loopback_judge)):
     PROBES.update({f"{prefix}.{k}": P(v, pool) for k, v in SERVICE})
     PROBES.update({f"{prefix}.{k}": P(v, pool, conf="polaris") for k, v in REMOTE})
     PROBES.update({f"{prefix}.{k}": P(v, loopback) for k, v in LOOPBACK})
     PROBES[f"{prefix}.local.latency_min_s"] = P("0.1", loopback, also=(f"{prefix}.local.latency_max_s=1",))
+    PROBES.update({f"{prefix}.local.{k}": P(v, loopback, also=(f"{prefix}.local.capacity=[4,2]",))
+                   for k, v in (("capacity_step_s", "5"), ("shed_factor", "2"))})
     PROBES[f"{prefix}.vertex"] = P("true", pool, conf="polaris", also=(f"{prefix}.backend=gemini",))
 PROBES.update({f"placement.{role}.{k}": P(v, placement) for role in ("learner", "engines")
                for k, v in (("labels", "{polaris-role: gpu-a}"), ("resources", "{big_node: 1}"))})

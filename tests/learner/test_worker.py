@@ -6,12 +6,14 @@ import json
 import math
 
 import pytest
+import ray
 import torch
 from transformers import AutoTokenizer
 
 from actors.codec import ChatCodec
 from actors.data import PromptRecord
-from cluster.roles import start_roles
+from cluster.placement import plan_placement, reserve
+from cluster.roles import start_learners
 from conf import load_config
 from learner.grpo import truncated_importance_weights
 from learner.settings import deepspeed_config
@@ -250,16 +252,19 @@ def test_one_rank_and_two_ranks_take_the_same_step(ray_address, tiny_model_path,
             "learner.world_size=2", "learner.zero_stage=3", "learner.max_tokens_per_micro_batch=300",
             "learner.logprob_chunk_tokens=16"],
     }
-    fewest_others = ["rollout.num_engines=1", "judge.num_workers=1"]  # start_roles starts every role
     results = {}
-    for i, (name, overrides) in enumerate(variants.items()):
-        roles = start_roles(load_config([*fewest_others, *overrides]), model_path=tiny_model_path,
-                            stop_token_ids=codec.stop_ids, pad_token_id=codec.tok.pad_token_id,
-                            judge_base_url="http://127.0.0.1:9", run_name=f"split-{i}", output_dir=str(tmp_path))
+    for i, (name, overrides) in enumerate(variants.items()):  # the learner ranks alone: no engine, no judge
+        cfg = load_config(overrides)
+        placement = reserve(plan_placement(device="cpu", learner_world_size=cfg.learner.world_size, num_engines=0,
+                                           tensor_parallel_size=1), name=f"split-{i}")
+        learners = start_learners(cfg, tiny_model_path, pad_token_id=codec.tok.pad_token_id, run_name=f"split-{i}",
+                                  placement=placement)
         try:
-            results[name] = roles.train(batch)
+            results[name] = combine_rank_metrics(ray.get([rank.train_step.remote(batch) for rank in learners]))
         finally:
-            roles.shutdown()
+            for rank in learners:
+                ray.kill(rank)
+            placement.remove()
     reference = results["1 rank, one micro-batch"]
     for name, metrics in results.items():
         assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), name

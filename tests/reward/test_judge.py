@@ -432,3 +432,37 @@ def test_the_gemini_request_carries_judge_seed_only_when_set(server):
         return server.requests[-1]["body"]["generationConfig"]
     assert asyncio.run(send(42))["seed"] == 42
     assert "seed" not in asyncio.run(send(None))
+
+
+class RecordingLimiter:
+    """A Limiter that grants at once and records what each attempt asks and reports."""
+
+    def __init__(self):
+        self.asked, self.released = [], []
+
+    async def acquire(self, tokens=0, priority=(), retry=False):
+        self.asked.append((priority, retry))
+        return len(self.asked)
+
+    def release(self, lease_id, actual_tokens=None, latency_s=None, shed=False):
+        self.released.append((latency_s is not None, shed))
+
+
+def test_each_attempt_tells_the_limiter_its_priority_and_what_the_service_did():
+    """429 and 503 count as shed, a bad answer as answered (with a latency), the final answer too;
+    the story's priority comes first, then the attempts made (nearest its deadline first)."""
+    limiter = RecordingLimiter()
+
+    async def go(base_url):
+        judge = Judge(GeminiJudgeAPI(KEY, base_url=base_url), retry=RetryPolicy(backoff_s=0.0), limiter=limiter,
+                      sleep=recording_sleep([]), seed=0)
+        try:
+            return await judge.judge(PROMPT, GOOD, priority=(False, 3, -2))
+        finally:
+            await judge.aclose()
+    with LocalJudgeServer(faults=Faults(script=["429", "503", "schema"], retry_after_s=0)) as srv:
+        result = asyncio.run(go(srv.base_url))
+    assert result.ok and result.attempts == 4
+    assert limiter.asked == [((False, 3, -2, 0), False), ((False, 3, -2, -1), True), ((False, 3, -2, -2), True),
+                             ((False, 3, -2, -3), True)]
+    assert limiter.released == [(False, True), (False, True), (True, False), (True, False)]

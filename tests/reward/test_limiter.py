@@ -2,41 +2,11 @@
 Every case runs on an event loop with virtual time (the limiter's clock is the loop's): grant
 times are exact, whatever the load on this machine."""
 import asyncio
-import selectors
 
 import pytest
 
-from reward.limiter import RateLimiter, RateLimits
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """When nothing is ready, time jumps to the next timer instead of passing; with no timer
-    either, nothing could ever wake a waiter: an error, not a hang."""
-
-    def __init__(self):
-        super().__init__(selectors.DefaultSelector())
-        self._now = 0.0
-        select = self._selector.select
-
-        def jump(timeout=None):
-            events = select(0)
-            if not events and timeout is None:
-                raise RuntimeError("deadlock: tasks wait and no timer is set")
-            if not events:
-                self._now += timeout
-            return events
-        self._selector.select = jump
-
-    def time(self) -> float:
-        return self._now
-
-
-def run(coro):
-    loop = VirtualTimeLoop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
+from reward.limiter import Ask, RateLimiter, RateLimits
+from tests.reward.virtual_time import run
 
 
 def limiter(limits):
@@ -168,7 +138,7 @@ def test_invalid_limits_are_refused():
 def test_try_acquire_grants_the_batch_prefix_that_fits_and_nothing_while_someone_waits():
     async def go():
         lim = limiter(RateLimits(max_in_flight=3))
-        batch = lim.try_acquire([0, 0, 0, 0, 0])
+        batch = lim.try_acquire([Ask()] * 5)
         assert len(batch) == 3 and len(set(batch)) == 3  # the cap: the other two acquire one by one
         queued = asyncio.ensure_future(lim.acquire())
         await asyncio.sleep(0.01)
@@ -178,8 +148,67 @@ def test_try_acquire_grants_the_batch_prefix_that_fits_and_nothing_while_someone
         blocked = asyncio.ensure_future(lim.acquire())  # waits: the cap is reached again
         await asyncio.sleep(0.01)
         lim.release(batch[1])  # room for one, but the queued request comes first
-        assert lim.try_acquire([0]) == []
+        assert lim.try_acquire([Ask()]) == []
         await asyncio.sleep(0.01)
         assert blocked.done() and lim.stats()["in_flight"] == 3
 
     run(go())
+
+
+def test_waiters_are_granted_by_priority_then_in_arrival_order():
+    async def go():
+        lim, order = limiter(RateLimits(max_in_flight=1)), []
+        held = await lim.acquire()
+
+        async def one(name, priority):
+            lim.release(await lim.acquire(0, priority))
+            order.append(name)
+        tasks = [asyncio.ensure_future(one(name, p)) for name, p in
+                 (("validation", (True, 0)), ("step 3", (False, 3)), ("step 2 a", (False, 2)), ("step 2 b", (False, 2)))]
+        await asyncio.sleep(0)
+        lim.release(held)
+        await asyncio.gather(*tasks)
+        return order
+    assert run(go()) == ["step 2 a", "step 2 b", "step 3", "validation"]
+
+
+def test_a_retry_over_the_budget_waits_while_first_attempts_go_past_it():
+    limits = RateLimits(max_in_flight=100, retry_budget=0.5, retry_budget_min_per_s=0.1, retry_window_s=10)
+
+    async def go():
+        lim = limiter(limits)
+        await lim.acquire(0, (), retry=True)  # the floor allows one retry in 10 s
+        late_retry = asyncio.ensure_future(lim.acquire(0, (), retry=True))
+        await asyncio.sleep(1)
+        held = lim.stats()["retries_held"]
+        await lim.acquire()  # a first attempt is not held up; it adds half a retry to the budget
+        await lim.acquire()  # and with this one, a whole one
+        await asyncio.sleep(0)
+        return held, late_retry.done(), now(), lim.stats()["retry_budget_used"]
+    held, retried, t, used = run(go())
+    assert held == 1 and retried and t == 1.0 and used == 1.0
+
+
+def test_the_budget_lets_a_held_retry_go_when_old_retries_leave_its_window():
+    limits = RateLimits(max_in_flight=100, retry_budget=0.0, retry_budget_min_per_s=0.1, retry_window_s=10)
+
+    async def go():
+        lim = limiter(limits)
+        await lim.acquire(0, (), retry=True)
+        await lim.acquire(0, (), retry=True)
+        return now()
+    assert run(go()) == pytest.approx(10.0, abs=0.01)
+
+
+def test_stats_report_the_window_shed_rate_and_goodput():
+    async def go():
+        lim = limiter(RateLimits(max_in_flight=8, adaptive=True, initial_in_flight=4, window_s=60))
+        leases = [await lim.acquire() for _ in range(4)]
+        lim.release(leases[0], latency_s=1.0)
+        lim.release(leases[1], latency_s=1.0)
+        lim.release(leases[2], latency_s=1.0)
+        lim.release(leases[3], shed=True)
+        return lim.stats()
+    stats = run(go())
+    assert stats["shed_rate"] == 0.25 and stats["answered_per_s"] == 3 / 60 and stats["shed"] == 1
+    assert 1 <= stats["window"] <= 8

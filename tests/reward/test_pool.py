@@ -312,3 +312,32 @@ def test_a_step_without_a_judged_story_counts_toward_the_stop_when_its_metrics_a
         finally:
             pool.close()
     assert "judged no story in 2 steps in a row (last error: HTTP 503" in pool.judge_down()
+
+
+def test_each_story_is_sent_with_its_place_in_the_judges_queue():
+    """Deadline order: the oldest step first, then the group with most rows judged, validation last;
+    order=fifo sends every story with the same priority (first come, first served)."""
+    workers = [HeldWorker(concurrent.futures.Future()) for _ in range(2)]
+    workers[0].answer.set_result(None)  # the first worker answers at once, the second holds
+    first = ScoringJob("g1/0", "p", "s", 10, 10, 0, False)
+    pool = RewardPool(workers, cache_params={}, prices=Prices(), flex=True, batch_size=1)
+    try:
+        pool.submit(first, step=4).result(timeout=60)  # one row of group g1 judged
+        for job, where in ((ScoringJob("g1/1", "p", "s", 10, 10, 0, False), dict(step=4)),
+                           (ScoringJob("g2/0", "p", "s", 10, 10, 0, False), dict(step=4)),
+                           (ScoringJob("v/0", "p", "s", 10, 10, 0, False), dict(step=None, per_step=False))):
+            pool.submit(job, **where)
+        wait_until(lambda: sum(len(w.jobs) for w in workers) == 4, "every story dispatched")
+    finally:
+        pool.close()
+    sent = {job.key: job.priority for w in workers for job in w.jobs}
+    assert sent["g1/1"] < sent["g2/0"] < sent["v/0"] and sent["g1/1"] == (False, 4, -1)
+    assert sent["v/0"][0] is True
+    fifo = RewardPool([HeldWorker(concurrent.futures.Future())], cache_params={}, prices=Prices(), flex=True,
+                      order="fifo")
+    try:
+        fifo.submit(first, step=4)
+        wait_until(lambda: fifo.workers[0].jobs, "dispatched")
+        assert fifo.workers[0].jobs[0].priority is None
+    finally:
+        fifo.close()
