@@ -98,7 +98,7 @@ def _fmt(mapping: dict) -> str:
 @dataclass
 class Placement:
     learner_group: object | None  # ray.util.placement_group.PlacementGroup; None: no learner (mode=eval)
-    engine_group: object
+    engine_group: object | None  # None: no engines (the learner ranks alone)
     plan: PlacementPlan | None = None
 
     def learner(self, rank: int) -> dict:
@@ -114,7 +114,8 @@ class Placement:
 
         nodes = {n["NodeID"]: int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"]}
         learner_nodes = list(placement_group_table(self.learner_group)["bundles_to_node_id"].values())
-        engine_nodes = list(placement_group_table(self.engine_group)["bundles_to_node_id"].values())
+        engine_nodes = list(placement_group_table(self.engine_group)["bundles_to_node_id"].values()) \
+            if self.engine_group is not None else []
         return [learner_threads(nodes.get(node, 1), learner_nodes.count(node), engine_nodes.count(node))
                 for node in learner_nodes]
 
@@ -156,7 +157,8 @@ def reserve(plan: PlacementPlan, *, name: str, timeout_s: float = 120.0) -> Plac
                               bundle_label_selector=_selectors(plan.learner_labels, plan.learner_bundles)) \
         if plan.learner_bundles else None
     engines = placement_group(plan.engine_bundles, strategy="SPREAD", name=f"{name}/engines",
-                              bundle_label_selector=_selectors(plan.engine_labels, plan.engine_bundles))
+                              bundle_label_selector=_selectors(plan.engine_labels, plan.engine_bundles)) \
+        if plan.engine_bundles else None
     groups = [g.ready() for g in (learner, engines) if g is not None]
     ready, _ = ray.wait(groups, num_returns=len(groups), timeout=timeout_s)
     if len(ready) < len(groups):

@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import statistics
 import math
+import statistics
 import threading
 from collections import Counter
 from dataclasses import dataclass, field

@@ -6,6 +6,7 @@ projections and float32 parameters: tests/cluster/test_names.py.)"""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, ray_address, tiny35_model_path, quick_run):
-    """Three steps straight, and the same run stopped after two and resumed for the third."""
+    """Three steps straight, and the same run resumed from its second step's checkpoint for the third."""
     root = tmp_path_factory.mktemp("tiny35")
     env = {"RAY_ADDRESS": ray_address, "POLARIS_CACHE": str(Path(tiny35_model_path).parent), "WANDB_MODE": "offline"}
     quick = quick_run.one_engine_args
@@ -45,10 +46,11 @@ def runs(tmp_path_factory, ray_address, tiny35_model_path, quick_run):
     assert ("kernels: linear_attention -> chunk_gated_delta_rule=torch reference (flash-linear-attention not "
             "installed), causal_conv1d_fn=torch reference (causal-conv1d not installed); full_attention -> sdpa\n"
             in straight.stdout)
-    launch([*quick, f"trainer.output_dir={root / 'resumed'}", "trainer.total_steps=2", "trainer.save_every=1"], env)
+    # the run as it stood after its second step: its folder without the third step's checkpoint and export
+    shutil.copytree(root / "straight", root / "resumed", ignore=shutil.ignore_patterns("step_000003", "hf_model"))
     resumed = launch([*quick, f"trainer.output_dir={root / 'resumed'}", "trainer.total_steps=3", "trainer.save_every=1"],
                      env)
-    assert "resume: from" in resumed.stdout
+    assert "resume: from" in resumed.stdout and "step_000002" in resumed.stdout
     return root, env
 
 
