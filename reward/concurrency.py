@@ -59,7 +59,6 @@ class AdaptiveWindow:
         self.baseline: float | None = None  # the lowest slow-smoothed latency
         self.answers = 0
         self._last_cut = self._last_shed_cut = float("-inf")
-        self.cuts = self.sheds = 0
 
     @property
     def size(self) -> int:
@@ -92,7 +91,6 @@ class AdaptiveWindow:
         if r > rule.shrink_above:
             if full and now - self._last_cut >= self.smoothed:  # once a round trip: its answers carry the old load
                 self._last_cut = now
-                self.cuts += 1
                 self._set(min(self._size, in_flight * rule.target / r))
         elif full:
             self._set(self._size + (rule.growth if r < rule.grow_below else 1 / self._size))
@@ -101,11 +99,9 @@ class AdaptiveWindow:
         """The service refused a request for want of capacity (429/503) or did not answer in time;
         in_flight: the requests out, itself included. A shed never frees a place in the window (the
         service already has more than it can take), and cuts it by `backoff` once a round trip."""
-        self.sheds += 1
         size = self._size
         if now - self._last_shed_cut >= (self.smoothed or 0.0):
             self._last_shed_cut = now
-            self.cuts += 1
             size *= self.rule.backoff
         self._set(min(size, in_flight - 1))
 

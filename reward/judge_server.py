@@ -154,7 +154,8 @@ class LocalJudgeServer:
 
     def summary(self) -> str:
         """One line for the end of a run."""
-        stats, capacity = self.stats(), self.stats()["capacity"]
+        stats = self.stats()
+        capacity = stats["capacity"]
         shed = f", {capacity['shed_429'] + capacity['shed_503']} shed for want of capacity" if capacity else ""
         return f"loopback judge: {stats['accepted']} requests accepted, {stats['violations']} rate-limit violations{shed}"
 

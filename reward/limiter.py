@@ -62,6 +62,11 @@ class Ask(NamedTuple):
     priority: tuple = ()  # lower goes first
     retry: bool = False  # not the story's first attempt: under the retry budget
 
+    @classmethod
+    def of(cls, tokens=0, priority=(), retry=False) -> Ask:
+        """From what a caller (or a Ray message) sends: tokens never negative, priority a tuple."""
+        return cls(max(0, int(tokens)), tuple(priority), bool(retry))
+
 
 @dataclass
 class _Lease:
@@ -84,7 +89,7 @@ class RateLimiter:
         self._tokens_in_window = 0
         self._open: dict[int, _Lease] = {}
         self._ids = itertools.count(1)
-        self._waiters: list[tuple[tuple, int, Ask, asyncio.Future]] = []  # a heap: (priority, arrival, ...)
+        self._waiters: list[tuple[tuple, int, Ask, asyncio.Future]] = []  # a heap: (priority, arrival, ask, future)
         self._arrivals = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self.window = (AdaptiveWindow(limits.initial_in_flight, limits.max_in_flight) if limits.adaptive else None)
@@ -96,14 +101,14 @@ class RateLimiter:
         self.granted = self.shed = 0
         self.wait_s_total = 0.0
 
-    def try_acquire(self, asks: list[Ask]) -> list[int]:
-        """Leases for the leading asks of a batch that fit now, without waiting (none while anyone
-        queues); the caller acquires the rest one by one."""
+    def try_acquire(self, asks: list[tuple]) -> list[int]:
+        """Leases for the leading asks (Ask fields) of a batch that fit now, without waiting (none
+        while anyone queues); the caller acquires the rest one by one."""
         now = self._clock()
         self._prune(now)
         granted = []
         if not self._waiters:
-            for ask in asks:
+            for ask in (Ask.of(*a) for a in asks):
                 if not (self._fits(ask.tokens) and (not ask.retry or self._retry_allowed())):
                     break
                 granted.append(self._grant(ask, now))
@@ -112,9 +117,8 @@ class RateLimiter:
 
     async def acquire(self, tokens: int = 0, priority: tuple = (), retry: bool = False) -> int:
         """Wait for capacity; returns a lease id for release()."""
-        future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (tuple(priority), next(self._arrivals), Ask(max(0, int(tokens)), priority, retry),
-                                       future))
+        future, ask = asyncio.get_running_loop().create_future(), Ask.of(tokens, priority, retry)
+        heapq.heappush(self._waiters, (ask.priority, next(self._arrivals), ask, future))
         self._grant_ready()
         start = self._clock()
         try:
@@ -191,14 +195,14 @@ class RateLimiter:
 
     def _fits(self, tokens: int) -> bool:
         lim = self.limits
-        if len(self._open) >= min(lim.max_in_flight, self._cap()):
+        if len(self._open) >= self._cap():
             return False
         if lim.rpm and (len(self._requests) >= lim.rpm or self._bucket < 1):
             return False
         return not lim.input_tpm or self._tokens_in_window + tokens <= lim.input_tpm or not self._tokens
 
     def _grant(self, ask: Ask, now: float) -> int:
-        tokens = max(0, int(ask.tokens))
+        tokens = ask.tokens
         (self._retries if ask.retry else self._firsts).append(now)
         lease_id, lease = next(self._ids), _Lease(now, tokens)
         self._open[lease_id] = lease
@@ -262,8 +266,8 @@ class LimiterService:
     async def acquire(self, tokens: int = 0, priority: tuple = (), retry: bool = False) -> int:
         return await self.limiter.acquire(tokens, priority, retry)
 
-    async def try_acquire(self, asks: list[Ask]) -> list[int]:
-        return self.limiter.try_acquire([Ask(*a) for a in asks])
+    async def try_acquire(self, asks: list[tuple]) -> list[int]:
+        return self.limiter.try_acquire(asks)
 
     async def release(self, lease_id: int, actual_tokens: int | None = None, latency_s: float | None = None,
                       shed: bool = False) -> None:

@@ -63,13 +63,16 @@ def test_arrivals_beyond_the_shed_line_are_refused_429_and_503_in_turn():
 
 def test_the_loopback_server_sheds_and_reports_its_capacity():
     judge_request = rubric.build_judge_request(PROMPT, STORY)
-    with LocalJudgeServer(latency_s=(0.5, 0.5), capacity=CapacitySchedule((2,), 60.0), shed_factor=1.0) as srv, \
-            ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda _: post(srv, OPENAI_PATH, openai_body(judge_request), timeout=60), range(4)))
-        time.sleep(0.1)
+    # two requests take the capacity for 5 s; the next two arrive while they are in service
+    with LocalJudgeServer(latency_s=(5.0, 5.0), capacity=CapacitySchedule((2,), 60.0), shed_factor=1.0) as srv, \
+            ThreadPoolExecutor(2) as pool:
+        served = [pool.submit(post, srv, OPENAI_PATH, openai_body(judge_request), timeout=60) for _ in range(2)]
+        while srv.stats()["capacity"]["in_service"] < 2:
+            time.sleep(0.01)
+        shed = [post(srv, OPENAI_PATH, openai_body(judge_request), timeout=60) for _ in range(2)]
+        statuses = [f.result()[0] for f in served]
         stats = srv.stats()["capacity"]
-    statuses = sorted(status for status, _, _ in answers)
-    assert statuses.count(200) >= 2 and all(s in (200, 429, 503) for s in statuses)
-    assert stats["served"] == statuses.count(200) and stats["shed_429"] + stats["shed_503"] == 4 - stats["served"]
-    assert stats["capacity"] == 2 and stats["capacity_s"] == pytest.approx(2 * stats["since_start_s"])
-    assert all(headers["Retry-After"] == "1" for status, headers, _ in answers if status == 429)
+    assert statuses == [200, 200] and [status for status, _, _ in shed] == [429, 503]
+    assert shed[0][1]["Retry-After"] == "1" and "Retry-After" not in shed[1][1]
+    assert (stats["served"], stats["shed_429"], stats["shed_503"], stats["capacity"]) == (2, 1, 1, 2)
+    assert stats["capacity_s"] == pytest.approx(2 * stats["since_start_s"])
