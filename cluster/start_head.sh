@@ -29,6 +29,8 @@ if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
 fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# the run's roles at the priority of the driver and Ray's own processes, not 15 (cluster/connect.py)
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 export PATH="$(dirname "$(command -v "$RAY")"):$PATH"  # a job's `python` is this venv's (drivers inherit the head's PATH)
 
 args=(--head --node-ip-address "$BIND" --port "$RAY_PORT"

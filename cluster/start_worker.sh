@@ -25,6 +25,8 @@ if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
 fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# the run's roles at the priority of the driver and Ray's own processes, not 15 (cluster/connect.py)
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 export PATH="$(dirname "$(command -v "$RAY")"):$PATH"
 
 if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then

@@ -38,7 +38,10 @@ def ray_address(tmp_path_factory):
     """One local Ray cluster on loopback; launch.py subprocesses join it through RAY_ADDRESS."""
     import ray
 
+    from cluster.connect import WORKER_NICENESS
+
     ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
+             _system_config={"worker_niceness": WORKER_NICENESS},  # as launch.py's own cluster
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
                                        "TOKENIZERS_PARALLELISM": "false"}})
     address = ray.get_runtime_context().gcs_address

@@ -1,4 +1,5 @@
-"""Network exposure: every socket a standalone run listens on is on loopback.
+"""Network exposure: every socket a standalone run listens on is on loopback. And scheduling: its
+roles run at the driver's priority (Ray's default would put them at niceness 15).
 
 A tiny `python launch.py` without RAY_ADDRESS starts its own Ray cluster (GCS, raylet, agents,
 workers), the loopback judge, DeepSpeed's store and the weight group; while it runs, the test
@@ -70,14 +71,21 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quic
                                  "trainer.progress_bar=false", "trainer.eval_every=0", *quick_run.one_engine_args],
                                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
+    root_niceness = root.nice()
     sessions: set[str] = set()
     watch = SocketWatch()
     probed: set[int] = set()
     judge = gcs = store = False
+    role_niceness: dict[str, int] = {}
     deadline = time.monotonic() + 840
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             for pid, name, conns in watch.poll(run_processes(root, sessions).values()):
+                if name.startswith(("ray::LearnerWorker", "ray::RolloutWorker", "ray::RewardWorker")):
+                    try:
+                        role_niceness[name.split()[0].split(".")[0]] = psutil.Process(pid).nice()
+                    except psutil.Error:
+                        pass
                 for c in conns:
                     if c.status != psutil.CONN_LISTEN:
                         continue
@@ -99,6 +107,9 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quic
     assert rc == 0, text[-4000:]
     assert watch.polls >= 3 and sessions, f"{watch.polls} polls, sessions {sessions}\n{listing}"
     assert judge and gcs and store, f"judge server {judge}, Ray GCS {gcs}, torch.distributed store {store}:\n{listing}"
+    roles = {"ray::LearnerWorker", "ray::RolloutWorker", "ray::RewardWorker"}
+    assert set(role_niceness) == roles, f"roles seen: {role_niceness}"
+    assert set(role_niceness.values()) == {root_niceness}, f"driver at {root_niceness}, roles at {role_niceness}"
     exposed = watch.exposed()
     assert not exposed, "beyond loopback:\n" + "\n".join(exposed) + "\nall:\n" + listing
     print(f"{len(watch.listening)} listening sockets over {watch.polls} polls, all on loopback:\n{listing}")
