@@ -15,8 +15,8 @@ RUNTIME_ENV = {  # every process of the run: loopback Ray, no usage reports (CPU
 # Ray starts its workers, every role of the run, at niceness 15 under the driver, raylet and agents
 # at 0. Where roles share cores with those (CPU runs, a GPU learner's host-side optimizer), each wake-up
 # of the driver then preempts a learner thread, and a two-thread OpenMP op waits for the one
-# preempted (measured: training 2.8 -> 2.5 s a step with the judge answering meanwhile). Equal
-# priority for every process of the run; cluster/start_head.sh and start_worker.sh set the same.
+# preempted (bench/step_floor.py with a slow judge: 0.84x -> 0.77x the one-process floor's step).
+# Equal priority for every process of the run; cluster/start_head.sh and start_worker.sh set the same.
 WORKER_NICENESS = 0
 
 

@@ -21,6 +21,7 @@ import pytest
 from tests.cluster.ray_nodes import SocketWatch
 
 ROOT = Path(__file__).resolve().parents[2]
+ROLES = ("ray::LearnerWorker", "ray::RolloutWorker", "ray::RewardWorker")  # their niceness is checked
 SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
 
 
@@ -81,7 +82,7 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quic
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             for pid, name, conns in watch.poll(run_processes(root, sessions).values()):
-                if name.startswith(("ray::LearnerWorker", "ray::RolloutWorker", "ray::RewardWorker")):
+                if name.startswith(ROLES):
                     try:
                         role_niceness[name.split()[0].split(".")[0]] = psutil.Process(pid).nice()
                     except psutil.Error:
@@ -107,8 +108,7 @@ def test_standalone_run_listens_on_loopback_only(tmp_path, tiny_model_path, quic
     assert rc == 0, text[-4000:]
     assert watch.polls >= 3 and sessions, f"{watch.polls} polls, sessions {sessions}\n{listing}"
     assert judge and gcs and store, f"judge server {judge}, Ray GCS {gcs}, torch.distributed store {store}:\n{listing}"
-    roles = {"ray::LearnerWorker", "ray::RolloutWorker", "ray::RewardWorker"}
-    assert set(role_niceness) == roles, f"roles seen: {role_niceness}"
+    assert set(role_niceness) == set(ROLES), f"roles seen: {role_niceness}"
     assert set(role_niceness.values()) == {root_niceness}, f"driver at {root_niceness}, roles at {role_niceness}"
     exposed = watch.exposed()
     assert not exposed, "beyond loopback:\n" + "\n".join(exposed) + "\nall:\n" + listing
