@@ -39,6 +39,7 @@ class RolloutLog:
             "judge_cached": scored.cached,
             "judge_input_tokens": scored.input_tokens,
             "judge_output_tokens": scored.output_tokens,
+            "judge_thought_tokens": scored.thought_tokens,
             "judgment": scored.judgment.scores if scored.judgment else None,
             "evidence": scored.judgment.evidence if scored.judgment else None,
             "reward": dataclasses.asdict(scored.reward) if scored.reward else None,

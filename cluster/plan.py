@@ -2,14 +2,16 @@
 
     python -m cluster.plan conf=NAME [key=value ...] [--gpus N] [--gpu a100-80gb|h100|h200]
                            [--layout separate|colocated] [--usd-per-gpu-hour X] [--assume NAME=VALUE ...]
-                           [--gpu-check LOG]
+                           [--gpu-check LOG] [--judge-check LOG]
 
 The config is loaded as launch.py loads it. --gpus defaults to the config's own split (learner
 ranks + engines x tensor parallel); another count is split between engines and learners at the
 fastest split that fits memory. layout=separate is how polaris-rl places its roles (each on GPUs
 of its own); colocated (training and generation taking turns on every GPU) is planned for
 comparison with runs that did that. --gpu-check reads bench/gpu_check.sh figures in place of the
-published efficiency defaults. Every assumption is printed with its source. The last line is
+published efficiency defaults, --judge-check bench/judge_check.py figures in place of the judge's
+(thought tokens per judgment, the tier's latency range). Every assumption is printed with its
+source. The last line is
 
     plan: layout=.. gpus=.. run_hours=.. compute_usd=.. judge_usd=.. bottleneck=..
 """
@@ -145,6 +147,43 @@ def assumptions_from_gpu_check(a: Assumptions, figures: dict[str, float], gpu: G
     return replace(a, **changes), notes
 
 
+def judge_check_figures(text: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The figures (`judge_check: <name>=<number>` lines) of a bench/judge_check.py log, and what
+    its last line says was measured (backend, model, thinking, tier)."""
+    found = re.findall(r"^judge_check: (\w+)=([-+0-9.eE]+)\s*$", text, flags=re.MULTILINE)
+    last = re.findall(r"^judge_check: (backend=.*)$", text, flags=re.MULTILINE)
+    identity = dict(pair.split("=", 1) for pair in last[-1].split()) if last else {}
+    return {name: float(value) for name, value in found}, identity
+
+
+def assumptions_from_judge_check(a: Assumptions, log: Path, judge) -> tuple[Assumptions, dict]:
+    """The judge's measured thought tokens per judgment and latency range (for the tier measured)
+    in place of the defaults; refused when the log measured another model or thinking level than
+    the config's judge (`judge`), or measured nothing."""
+    if not log.is_file():
+        raise ConfigError(f"--judge-check {log}: no such file")
+    figures, identity = judge_check_figures(log.read_text())
+    if "thought_tokens" not in figures or not identity:
+        raise ConfigError(f"--judge-check {log}: no judgments measured in it (bench/judge_check.py writes "
+                          "'judge_check: thought_tokens=..' and a last 'judge_check: backend=..' line)")
+    for key, wanted in (("model", judge.model), ("thinking", judge.thinking_level)):
+        if identity.get(key) != wanted:
+            raise ConfigError(f"--judge-check {log}: measured {key} {identity.get(key)!r}, but the config's judge "
+                              f"has {wanted!r} (judge.{'model' if key == 'model' else 'thinking_level'})")
+    where = f"{log}: {identity.get('calls', '?')} judgments by {identity.get('backend')} {identity['model']}"
+    if identity.get("backend") == "local":
+        where += " (the loopback judge: a dry run, not the service)"
+    changes = {"judge_thought_tokens": round(figures["thought_tokens"])}
+    notes = {"judge_thought_tokens": f"measured: thought_tokens in {where}, stories of "
+                                     f"{figures.get('story_words', float('nan')):.0f} words on average"}
+    tier = identity.get("tier")
+    if tier in ("flex", "standard") and {"latency_min_s", "latency_max_s"} <= figures.keys():
+        for end in ("min", "max"):
+            changes[f"{tier}_latency_{end}_s"] = figures[f"latency_{end}_s"]
+            notes[f"{tier}_latency_{end}_s"] = f"measured: latency_{end}_s in {where}"
+    return replace(a, **changes), notes
+
+
 def format_report(cfg, conf_name: str, plan: RunPlan, sources: dict[str, str],
                   scaling: list[tuple[int, RunPlan | str]], other: RunPlan | str) -> str:
     w, g, a, j = plan.workload, plan.gpu, plan.assumptions, cfg.judge
@@ -161,7 +200,7 @@ def format_report(cfg, conf_name: str, plan: RunPlan, sources: dict[str, str],
         f"evaluation's in-distribution buckets) -> responses of {w.lengths.mean:.0f} tokens on average (limit "
         f"{cfg.rollout.sampling.max_new_tokens}; stories {w.lengths.story_mean:.0f}), {w.train_tokens:,.0f} "
         f"training tokens; P = {plan.matmul_params / 1e9:.2f}B weights a token passes through",
-        "assumptions (--assume NAME=VALUE overrides; --gpu-check LOG takes measured ones):",
+        "assumptions (--assume NAME=VALUE overrides; --gpu-check LOG and --judge-check LOG take measured ones):",
         *[f"  {f.name:<24}{getattr(a, f.name):<10.4g}{sources[f.name]}" for f in fields(Assumptions)],
         f"memory (GiB per GPU): learner rank {memory.learner.gpu_total / GIB:.1f} of {memory.learner.budget / GIB:.1f}"
         f", engine {memory.engine.gpu_total / GIB:.1f} of {memory.engine.budget / GIB:.1f}: fits",
@@ -212,6 +251,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--usd-per-gpu-hour", type=float, default=None, help="price per GPU-hour (default: per GPU kind)")
     ap.add_argument("--assume", action="append", default=[], metavar="NAME=VALUE", help="override an assumption")
     ap.add_argument("--gpu-check", type=Path, default=None, metavar="LOG", help="a bench/gpu_check.sh log")
+    ap.add_argument("--judge-check", type=Path, default=None, metavar="LOG", help="a bench/judge_check.py log")
     args = ap.parse_args(argv)
     try:
         print(report(args))
@@ -237,6 +277,10 @@ def report(args) -> str:
         figures = gpu_check_figures(args.gpu_check.read_text())
         assumptions, measured = assumptions_from_gpu_check(assumptions, figures, gpu)
         sources.update({name: f"measured: {figure} in {args.gpu_check}" for name, figure in measured.items()})
+    if args.judge_check is not None:
+        assumptions, measured = assumptions_from_judge_check(assumptions, args.judge_check, cfg.judge)
+        sources.update(measured)
+    if args.gpu_check is not None or args.judge_check is not None:
         assumptions = with_overrides(assumptions, args.assume)  # an explicit --assume still wins
     for pair in args.assume:
         sources[pair.split("=", 1)[0]] = f"--assume {pair}"

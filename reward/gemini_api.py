@@ -89,8 +89,9 @@ class GeminiJudgeAPI:
             raise JudgeHTTPError(e.code, message, parse_retry_after(headers.get("Retry-After"))) from None
         um = resp.usage_metadata
         tin = (um.prompt_token_count or 0) if um else 0
-        tout = ((um.candidates_token_count or 0) + (um.thoughts_token_count or 0)) if um else 0
-        return RawAnswer(resp.text or "", tin, tout)
+        thoughts = (um.thoughts_token_count or 0) if um else 0
+        tout = ((um.candidates_token_count or 0) + thoughts) if um else 0
+        return RawAnswer(resp.text or "", tin, tout, thoughts)
 
     async def aclose(self) -> None:
         for c in (self._flex_client, self._standard_client):

@@ -20,6 +20,7 @@ class RawAnswer:
     text: str
     input_tokens: int
     output_tokens: int  # everything billed as output: visible + thought/reasoning tokens
+    thought_tokens: int = 0  # the thought/reasoning share of output_tokens, where the service reports it
 
 
 class JudgeHTTPError(Exception):

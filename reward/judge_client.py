@@ -63,6 +63,7 @@ class JudgeResult:
     latency_s: float = 0.0  # first send to final answer
     wait_s: float = 0.0  # time spent waiting for rate-limit leases
     rejected_status: int | None = None  # the HTTP status that failed the story with no retry (400/401/403/404)
+    thought_tokens: int = 0  # the thought share of output_tokens, over the attempts answered
 
     @property
     def ok(self) -> bool:
@@ -155,7 +156,7 @@ class Judge:
         first); None: first come, first served."""
         req = rubric.build_judge_request(prompt_text, story)
         estimate, unanswered_out = estimate_input_tokens(req), self.unanswered_output_tokens
-        tin = tout = 0
+        tin = tout = thoughts = 0
         wait_s, first_send, error, rejected = 0.0, None, "not attempted", None
         for attempt in range(1, self.retry.max_attempts + 1):
             t0 = self._clock()
@@ -178,9 +179,10 @@ class Judge:
                 latency = self._clock() - now
                 billed = answer.input_tokens
                 tin, tout = tin + answer.input_tokens, tout + answer.output_tokens
+                thoughts += answer.thought_tokens
                 judgment = rubric.parse_judgment(answer.text)
                 return JudgeResult(judgment, rubric.overall_score(judgment, evaluation=self.evaluation), tin, tout,
-                                   attempt, None, self._clock() - first_send, wait_s)
+                                   attempt, None, self._clock() - first_send, wait_s, thought_tokens=thoughts)
             except Exception as e:  # noqa: BLE001 -- classified below; never escapes
                 retry = classify(e)
                 error = str(retry) if retry else f"{type(e).__name__}: {e}"
@@ -201,7 +203,7 @@ class Judge:
             await self._sleep(delay)
         log.warning("judge failed after %d attempt(s): %s", attempt, error)
         latency = self._clock() - first_send if first_send is not None else 0.0
-        return JudgeResult(None, None, tin, tout, attempt, error, latency, wait_s, rejected)
+        return JudgeResult(None, None, tin, tout, attempt, error, latency, wait_s, rejected, thoughts)
 
     async def preflight(self, timeout_s: float = 60.0) -> None:
         """One tiny judgment on the standard tier (fast; checks key, model, thinking level and

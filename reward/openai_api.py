@@ -67,8 +67,10 @@ class OpenAIJudgeAPI:
             raise JudgeHTTPError(502, "answer without message content")
         usage = envelope.get("usage")
         usage = usage if isinstance(usage, dict) else {}
+        details = usage.get("completion_tokens_details")
+        reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
         return RawAnswer(content, int(usage.get("prompt_tokens") or 0),
-                         int(usage.get("completion_tokens") or 0))
+                         int(usage.get("completion_tokens") or 0), int(reasoning or 0))
 
     def _error_message(self, text: str) -> str:
         error = _json_object(text).get("error")

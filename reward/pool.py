@@ -60,6 +60,7 @@ class _Counters:
     retries: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    thought_tokens: int = 0  # of output_tokens, over the answers received
     usd: float = 0.0
     latencies: list[float] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
@@ -136,6 +137,7 @@ class RewardPool:
             "judge/cache_hit_rate": c.cache_hits / c.stories if c.stories else 0.0,
             "judge/input_tokens": c.input_tokens,
             "judge/output_tokens": c.output_tokens,
+            "judge/thought_tokens": c.thought_tokens,
             "judge/spend_usd": c.usd,
             "judge/spend_usd_total": total,
             "judge/latency_p50_s": _quantile(c.latencies, 0.5),
@@ -262,6 +264,7 @@ class RewardPool:
             c.failed += not sample.valid
             c.cache_hits += sample.cached
             c.retries += max(0, sample.judge_attempts - 1)
+            c.thought_tokens += sample.thought_tokens
             if not sample.cached:
                 c.latencies.append(sample.latency_s)
                 c.waits.append(sample.wait_s)

@@ -49,11 +49,12 @@ class ScoredSample:
     judge_error: str | None
     judge_attempts: int  # HTTP attempts; 0 for a cache hit
     input_tokens: int  # billed by the judge for this story (0 for a cache hit; reward/spend.py)
-    output_tokens: int
+    output_tokens: int  # visible + thought tokens
     cached: bool = False
     latency_s: float = 0.0
     wait_s: float = 0.0
     rejected_status: int | None = None  # the judge refused it with this status, not retried (401: the key)
+    thought_tokens: int = 0  # the thought share of output_tokens
 
     @property
     def valid(self) -> bool:
@@ -114,7 +115,7 @@ class RewardWorker:
                                     job.story_start, job.truncated, self.params)
         return ScoredSample(job.key, reward, result.judgment, result.error, result.attempts, result.input_tokens,
                             result.output_tokens, job.cached is not None, result.latency_s, result.wait_s,
-                            result.rejected_status)
+                            result.rejected_status, result.thought_tokens)
 
     async def aclose(self) -> None:
         if hasattr(self._limiter, "flush"):

@@ -267,3 +267,4 @@ def test_one_step_off_policy_overlap_trains_rows_one_update_old(tmp_path, ray_ad
         assert r["judge/stories"] == len(stories) == quick_run.stories
         assert r["judge/input_tokens"] == sum(s["judge_input_tokens"] for s in stories)
         assert r["judge/output_tokens"] == sum(s["judge_output_tokens"] for s in stories)
+        assert 0 < r["judge/thought_tokens"] == sum(s["judge_thought_tokens"] for s in stories) < r["judge/output_tokens"]

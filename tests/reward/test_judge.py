@@ -186,6 +186,7 @@ def test_same_input_same_score(server):
 
 
 def test_usage_tokens_reported(server):
+    before = server.stats()["billed"]
     (r,) = judge_all(server.base_url, [GOOD])
     # the request holds the rubric and the story: well over a quarter of the story in tokens
     assert r.input_tokens > len(GOOD) // 4
@@ -193,6 +194,9 @@ def test_usage_tokens_reported(server):
     assert body["generationConfig"]["thinkingConfig"]  # thoughts billed as output too:
     answer_tokens = len(json.dumps(r.judgment.scores)) // 4
     assert r.output_tokens > 2 * answer_tokens
+    billed = {k: v - before[k] for k, v in server.stats()["billed"].items()}
+    # the stand-in thinks twice what it writes and reports it apart (thoughtsTokenCount)
+    assert r.thought_tokens == billed["thought_tokens"] == r.output_tokens - billed["output_tokens"] > 0
 
 
 def test_request_config_and_key_hygiene(server):

@@ -66,13 +66,14 @@ def test_good_answer_parses_and_counts_tokens(server):
     raw = send(server.base_url + "/v1")
     judgment = rubric.parse_judgment(raw.text)
     assert judgment.positive > 0
-    assert raw.input_tokens > 0 and raw.output_tokens == len(raw.text) // 4 + 1
+    assert raw.input_tokens > 0 and raw.output_tokens == len(raw.text) // 4 + 1 and raw.thought_tokens == 0
 
 
 def test_reasoning_tokens_are_billed_as_output(server):
     raw = send(server.base_url + "/v1", reasoning_effort="medium")
     visible = len(raw.text) // 4 + 1
     assert raw.output_tokens == 3 * visible  # the stand-in reasons twice as much as it writes
+    assert raw.thought_tokens == 2 * visible  # reported apart (completion_tokens_details.reasoning_tokens)
 
 
 def test_request_body_carries_the_configured_options(server):

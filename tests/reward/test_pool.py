@@ -69,6 +69,7 @@ def test_each_story_gets_its_own_future_and_batches_share_a_call(ray_address, tm
     assert billed["thought_tokens"] > 0
     assert metrics["judge/input_tokens"] == billed["input_tokens"]
     assert metrics["judge/output_tokens"] == billed["output_tokens"] + billed["thought_tokens"]
+    assert metrics["judge/thought_tokens"] == billed["thought_tokens"] == sum(r.thought_tokens for r in results)
     assert metrics["judge/spend_usd"] == pytest.approx(flex_usd(billed)) == metrics["judge/spend_usd_total"]
     assert pool.take_metrics()["judge/stories"] == 0  # per step: counters restart
 
