@@ -10,7 +10,7 @@ fastest split that fits memory. layout=separate is how polaris-rl places its rol
 of its own); colocated (training and generation taking turns on every GPU) is planned for
 comparison with runs that did that. --gpu-check reads bench/gpu_check.sh figures in place of the
 published efficiency defaults, --judge-check bench/judge_check.py figures in place of the judge's
-(thought tokens per judgment, the tier's latency range). Every assumption is printed with its
+(thought tokens and the answer's length per judgment, the tier's latency range). Every assumption is printed with its
 source. The last line is
 
     plan: layout=.. gpus=.. run_hours=.. compute_usd=.. judge_usd=.. bottleneck=..
@@ -38,6 +38,7 @@ from cluster.plan_model import (
     Lengths,
     RunPlan,
     best_plan,
+    evidence_words_for,
     generate_s,
     plan_run,
 )
@@ -176,6 +177,10 @@ def assumptions_from_judge_check(a: Assumptions, log: Path, judge) -> tuple[Assu
     changes = {"judge_thought_tokens": round(figures["thought_tokens"])}
     notes = {"judge_thought_tokens": f"measured: thought_tokens in {where}, stories of "
                                      f"{figures.get('story_words', float('nan')):.0f} words on average"}
+    if "visible_tokens" in figures:  # the answer as written, in place of evidence quotes at the rubric's limit
+        changes["judge_evidence_words"] = evidence_words_for(figures["visible_tokens"], a)
+        notes["judge_evidence_words"] = (f"measured: visible_tokens in {where} "
+                                         f"({figures['visible_tokens']:.0f} tokens an answer)")
     tier = identity.get("tier")
     if tier in ("flex", "standard") and {"latency_min_s", "latency_max_s"} <= figures.keys():
         for end in ("min", "max"):

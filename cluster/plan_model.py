@@ -219,20 +219,40 @@ def generate_s(shape: ModelShape, gpu: GpuSpec, a: Assumptions, *, dtype_bytes: 
 def judge_call(cfg, a: Assumptions, *, story_tokens: float, prompt_tokens: float) -> JudgeCall:
     """Tokens and dollars of one judgment: the rubric prompt, the writing prompt and the story in;
     the JSON answer (every dimension's evidence at the rubric's word limit) and the thoughts out."""
-    from reward.rubric import DIMENSIONS, SYSTEM_INSTRUCTION, build_judge_request
+    from reward.rubric import SYSTEM_INSTRUCTION, build_judge_request
     from reward.spend import Prices, dollars
 
     j = cfg.judge
     wrapper = len(build_judge_request("", "").user_text)
     tokens_in = (len(SYSTEM_INSTRUCTION) + wrapper) / a.chars_per_token + prompt_tokens + story_tokens
-    answer = sum(len(f'"{name}": {{"evidence": "", "score": {mx}}}, ') / a.chars_per_token
-                 + a.judge_evidence_words * a.tokens_per_word for name, (mx, _) in DIMENSIONS.items())
-    tokens_out = answer + a.judge_thought_tokens
+    tokens_out = answer_tokens(a) + a.judge_thought_tokens
     if j.max_output_tokens:
         tokens_out = min(tokens_out, j.max_output_tokens)
     prices = Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor)
     usd = dollars(tokens_in, tokens_out, prices, flex=j.service_tier == "flex")
     return JudgeCall(tokens_in, tokens_out, usd)
+
+
+def _answer_frame_tokens(a: Assumptions) -> float:
+    """The JSON answer without its evidence texts: every dimension's name, keys and score."""
+    from reward.rubric import DIMENSIONS
+
+    return sum(len(f'"{name}": {{"evidence": "", "score": {mx}}}, ') for name, (mx, _) in DIMENSIONS.items()) \
+        / a.chars_per_token
+
+
+def answer_tokens(a: Assumptions) -> float:
+    """The judge's visible answer: the JSON frame and every dimension's evidence quote."""
+    from reward.rubric import DIMENSIONS
+
+    return _answer_frame_tokens(a) + len(DIMENSIONS) * a.judge_evidence_words * a.tokens_per_word
+
+
+def evidence_words_for(visible_tokens: float, a: Assumptions) -> int:
+    """judge_evidence_words that makes answer_tokens() a measured visible answer (the inverse)."""
+    from reward.rubric import DIMENSIONS
+
+    return max(0, round((visible_tokens - _answer_frame_tokens(a)) / (len(DIMENSIONS) * a.tokens_per_word)))
 
 
 def judge_latency_range(cfg, a: Assumptions) -> tuple[float, float]:

@@ -17,9 +17,10 @@ from cluster.plan import (
     run_prediction,
 )
 from cluster.plan_inputs import Assumptions, gpu_spec, with_overrides
-from cluster.plan_model import PHASES, judge_tail_s, plan_metrics
+from cluster.plan_model import PHASES, answer_tokens, judge_tail_s, plan_metrics
 from conf import load_config
 from conf.errors import ConfigError, EnvironmentSetupError
+from reward.rubric import DIMENSIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(r"^plan: layout=(separate|colocated) gpus=(\d+) run_hours=(\d+\.\d) compute_usd=(\d+) "
@@ -148,10 +149,11 @@ def test_gpu_check_figures_replace_the_published_efficiencies():
 
 
 JUDGE_LOG = """judge_check: 2 reference stories of data/polaris/train.parquet to gemini gemini-3-flash-preview
-judge_check: story a words=2400 input_tokens=3900 output_tokens=4100 (thoughts 3300, visible 800) latency_s=70.0 ok
-judge_check: story b words=2600 input_tokens=4100 output_tokens=4300 (thoughts 3500, visible 800) latency_s=410.0 ok
+judge_check: story a words=2400 input_tokens=3900 output_tokens=3800 (thoughts 3300, visible 500) latency_s=70.0 ok
+judge_check: story b words=2600 input_tokens=4100 output_tokens=4000 (thoughts 3500, visible 500) latency_s=410.0 ok
 judge_check: story_words=2500
 judge_check: thought_tokens=3400
+judge_check: visible_tokens=500
 judge_check: latency_min_s=70
 judge_check: latency_max_s=410
 judge_check: backend=gemini model=gemini-3-flash-preview thinking=medium tier={tier} calls=2 failed=0 thought_tokens=3400
@@ -168,7 +170,11 @@ def test_judge_check_figures_replace_the_judge_defaults_for_the_tier_measured(ti
     assert a.judge_thought_tokens == 3400
     assert (getattr(a, f"{tier}_latency_min_s"), getattr(a, f"{tier}_latency_max_s")) == (70, 410)
     assert getattr(a, f"{other}_latency_max_s") == getattr(Assumptions(), f"{other}_latency_max_s")
-    assert set(measured) == {"judge_thought_tokens", f"{tier}_latency_min_s", f"{tier}_latency_max_s"}
+    assert set(measured) == {"judge_thought_tokens", "judge_evidence_words", f"{tier}_latency_min_s",
+                             f"{tier}_latency_max_s"}
+    # the visible answer as measured: the planner's answer comes out at the measured 500 tokens
+    assert answer_tokens(a) == pytest.approx(500, abs=len(DIMENSIONS) * a.tokens_per_word / 2)
+    assert answer_tokens(Assumptions()) > answer_tokens(a)  # evidence at the rubric's 25-word limit: more
     assert "2 judgments by gemini gemini-3-flash-preview" in measured["judge_thought_tokens"]
 
 
