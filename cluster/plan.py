@@ -10,8 +10,8 @@ fastest split that fits memory. layout=separate is how polaris-rl places its rol
 of its own); colocated (training and generation taking turns on every GPU) is planned for
 comparison with runs that did that. --gpu-check reads bench/gpu_check.sh figures in place of the
 published efficiency defaults, --judge-check bench/judge_check.py figures in place of the judge's
-(thought tokens and the answer's length per judgment, the tier's latency range). Every assumption is printed with its
-source. The last line is
+(thought tokens and the answer's length per judgment, the tier's latency range). Every assumption
+is printed with its source. The last line is
 
     plan: layout=.. gpus=.. run_hours=.. compute_usd=.. judge_usd=.. bottleneck=..
 """
