@@ -9,9 +9,10 @@ The stories judged are the human reference stories of the config's training data
 (data.train_path, rows spread evenly over the file): a run judges one in every group, and they are
 as long as the stories the policy is asked to write. The request is the run's own (rubric,
 schema, sampling, thinking level, tier, retries, rate limits). Before any paid call it checks the
-judge with one tiny standard-tier request and prints the spend it expects; past --max-usd it
-stops there. Each judgment prints a line; the figures are `judge_check: <name>=<value>` lines
-(means over the judgments answered), and the last line is
+judge with one tiny standard-tier request and prints the spend it expects (every answer at
+judge.unanswered_output_tokens); past --max-usd it stops there. Each judgment prints a line; the
+figures are `judge_check: <name>=<value>` lines (means over the judgments answered), and the
+last line is
 
     judge_check: backend=.. model=.. thinking=.. tier=.. calls=.. failed=.. thought_tokens=.. usd_per_call=..
 """
@@ -129,9 +130,10 @@ def run(args) -> int:
     usd = expected_usd([build_judge_request(p, s) for _, p, s in texts], j)
     tier = j.service_tier
     print(f"judge_check: {len(texts)} reference stories of {cfg.data.train_path} to {j.backend} {j.model} "
-          f"(thinking {j.thinking_level}, {tier} tier); expected spend at most ${usd:.3f}", flush=True)
+          f"(thinking {j.thinking_level}, {tier} tier); expected spend ~${usd:.3f} (at {j.unanswered_output_tokens} "
+          "tokens out a judgment, judge.unanswered_output_tokens)", flush=True)
     if usd > args.max_usd:
-        raise ConfigError(f"the check would spend up to ${usd:.2f}, over --max-usd {args.max_usd:g} "
+        raise ConfigError(f"the check would spend ~${usd:.2f}, over --max-usd {args.max_usd:g} "
                           "(fewer --stories, or raise --max-usd)")
     with judge_endpoint(j) as (url, _server):
         settings = judge_settings(j, url)

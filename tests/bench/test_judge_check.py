@@ -62,7 +62,7 @@ def test_the_planner_takes_the_measured_thought_tokens(dry_run, tmp_path):
 def test_over_the_spend_cap_it_stops_before_the_first_judgment():
     proc = judge_check("--stories", "3", "--max-usd", "0.001")
     assert proc.returncode == 2
-    assert "would spend up to $0.02, over --max-usd 0.001" in proc.stderr
+    assert "would spend ~$0.02, over --max-usd 0.001" in proc.stderr
     assert "judge_check: story" not in proc.stdout
 
 
