@@ -11,8 +11,8 @@ as long as the stories the policy is asked to write. The request is the run's ow
 schema, sampling, thinking level, tier, retries, rate limits). Before any paid call it checks the
 judge with one tiny standard-tier request and prints the spend it expects (every answer at
 judge.unanswered_output_tokens); past --max-usd it stops there. Each judgment prints a line; the
-figures are `judge_check: <name>=<value>` lines (means over the judgments answered), and the
-last line is
+figures are `judge_check: <name>=<value>` lines (token means over the stories answered at
+their first attempt), and the last line is
 
     judge_check: backend=.. model=.. thinking=.. tier=.. calls=.. failed=.. thought_tokens=.. usd_per_call=..
 """
@@ -38,15 +38,18 @@ def pick_stories(records: list, count: int) -> list:
     return [records[i * len(records) // count] for i in range(count)]
 
 
-def expected_usd(requests: list, judge) -> float:
-    """The spend if every judgment writes judge.unanswered_output_tokens (the run's price for an
-    answer never seen: well above a rubric answer with its thoughts) and is answered first time."""
-    from reward.judge_client import estimate_input_tokens
+def billed_usd(judge, input_tokens: int, output_tokens: int) -> float:
     from reward.spend import Prices, dollars
 
-    prices = Prices(judge.price.input_per_mtok, judge.price.output_per_mtok, judge.price.flex_factor)
-    return sum(dollars(estimate_input_tokens(r), judge.unanswered_output_tokens, prices,
-                       flex=judge.service_tier == "flex") for r in requests)
+    return dollars(input_tokens, output_tokens, Prices.of(judge.price), flex=judge.service_tier == "flex")
+
+
+def expected_usd(requests: list, judge) -> float:
+    """The spend if every judgment writes judge.unanswered_output_tokens (the run's price for an
+    answer never seen) and is answered first time."""
+    from reward.judge_client import estimate_input_tokens
+
+    return sum(billed_usd(judge, estimate_input_tokens(r), judge.unanswered_output_tokens) for r in requests)
 
 
 async def judge_all(j, settings, texts: list[tuple[str, str, str]]) -> list:
@@ -76,25 +79,26 @@ async def judge_all(j, settings, texts: list[tuple[str, str, str]]) -> list:
 
 
 def figures(results: list, words: list[int], judge) -> dict[str, float]:
-    from reward.spend import Prices, dollars
-
-    prices = Prices(judge.price.input_per_mtok, judge.price.output_per_mtok, judge.price.flex_factor)
-    answered = [(r, w) for r, w in zip(results, words) if r.ok]
-    if not answered:
+    """Token figures over the stories answered at their first attempt (a retried story's tokens sum
+    its attempts, an unanswered one at its estimate); latency over every story answered; cost per
+    judgment over all, retries and failures included."""
+    first_time = [(r, w) for r, w in zip(results, words) if r.ok and r.attempts == 1]
+    answered = [r for r in results if r.ok]
+    if not first_time:
         return {}
     mean = statistics.fmean
-    latencies = sorted(r.latency_s for r, _ in answered)
-    billed = sum(dollars(r.input_tokens, r.output_tokens, prices, flex=judge.service_tier == "flex") for r in results)
+    latencies = sorted(r.latency_s for r in answered)
     return {
-        "story_words": mean(w for _, w in answered),
-        "input_tokens": mean(r.input_tokens / r.attempts for r, _ in answered),
-        "thought_tokens": mean(r.thought_tokens for r, _ in answered),
-        "visible_tokens": mean((r.output_tokens - r.thought_tokens) / r.attempts for r, _ in answered),
+        "story_words": mean(w for _, w in first_time),
+        "input_tokens": mean(r.input_tokens for r, _ in first_time),
+        "thought_tokens": mean(r.thought_tokens for r, _ in first_time),
+        "visible_tokens": mean(r.output_tokens - r.thought_tokens for r, _ in first_time),
+        "answered_first_time": len(first_time),
         "attempts": mean(r.attempts for r in results),
         "latency_min_s": latencies[0],
         "latency_p50_s": latencies[len(latencies) // 2],
         "latency_max_s": latencies[-1],
-        "usd_per_call": billed / len(results),  # retries and failed stories included: what a judgment costs
+        "usd_per_call": sum(billed_usd(judge, r.input_tokens, r.output_tokens) for r in results) / len(results),
     }
 
 

@@ -47,7 +47,7 @@ def start_reward_pool(cfg: Config, judge_base_url: str, run_name: str, output_di
     watch = None if evaluation else JudgeWatch(settings, max_rejections=cfg.judge.max_consecutive_rejections,
                                                max_dry_steps=cfg.judge.max_steps_without_judgment)
     pool = RewardPool(workers, cache_params=settings.cache_params(), cache=cache, batch_size=j.dispatch_batch,
-                      prices=Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor),
+                      prices=Prices.of(j.price),
                       flex=settings.flex, watch=watch, order=j.order)
     return limiter, workers, pool
 

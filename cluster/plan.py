@@ -167,10 +167,10 @@ def assumptions_from_judge_check(a: Assumptions, log: Path, judge) -> tuple[Assu
     if "thought_tokens" not in figures or not identity:
         raise ConfigError(f"--judge-check {log}: no judgments measured in it (bench/judge_check.py writes "
                           "'judge_check: thought_tokens=..' and a last 'judge_check: backend=..' line)")
-    for key, wanted in (("model", judge.model), ("thinking", judge.thinking_level)):
+    for key, setting, wanted in (("model", "model", judge.model), ("thinking", "thinking_level", judge.thinking_level)):
         if identity.get(key) != wanted:
             raise ConfigError(f"--judge-check {log}: measured {key} {identity.get(key)!r}, but the config's judge "
-                              f"has {wanted!r} (judge.{'model' if key == 'model' else 'thinking_level'})")
+                              f"has {wanted!r} (judge.{setting})")
     where = f"{log}: {identity.get('calls', '?')} judgments by {identity.get('backend')} {identity['model']}"
     if identity.get("backend") == "local":
         where += " (the loopback judge: a dry run, not the service)"
@@ -285,8 +285,7 @@ def report(args) -> str:
     if args.judge_check is not None:
         assumptions, measured = assumptions_from_judge_check(assumptions, args.judge_check, cfg.judge)
         sources.update(measured)
-    if args.gpu_check is not None or args.judge_check is not None:
-        assumptions = with_overrides(assumptions, args.assume)  # an explicit --assume still wins
+    assumptions = with_overrides(assumptions, args.assume)  # over measured figures too: an explicit --assume wins
     for pair in args.assume:
         sources[pair.split("=", 1)[0]] = f"--assume {pair}"
     if args.usd_per_gpu_hour is not None:

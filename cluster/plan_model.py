@@ -228,8 +228,7 @@ def judge_call(cfg, a: Assumptions, *, story_tokens: float, prompt_tokens: float
     tokens_out = answer_tokens(a) + a.judge_thought_tokens
     if j.max_output_tokens:
         tokens_out = min(tokens_out, j.max_output_tokens)
-    prices = Prices(j.price.input_per_mtok, j.price.output_per_mtok, j.price.flex_factor)
-    usd = dollars(tokens_in, tokens_out, prices, flex=j.service_tier == "flex")
+    usd = dollars(tokens_in, tokens_out, Prices.of(j.price), flex=j.service_tier == "flex")
     return JudgeCall(tokens_in, tokens_out, usd)
 
 

@@ -18,6 +18,11 @@ class Prices:
     output_per_mtok: float = 3.00  # output, thought tokens included
     flex_factor: float = 0.5  # flex is half price
 
+    @classmethod
+    def of(cls, price) -> Prices:
+        """From a config's judge.price (conf.schema.JudgePriceConfig)."""
+        return cls(price.input_per_mtok, price.output_per_mtok, price.flex_factor)
+
 
 @dataclass(frozen=True)
 class Billing:

@@ -77,3 +77,24 @@ def test_training_data_without_reference_stories_is_one_error_naming_the_row(tmp
     assert proc.returncode == 2
     assert re.search(rf"{re.escape(str(data))}: 1 bad row\(s\) of 2 .*\n  row 1 \(0-based; line 2\): field 'story'", proc.stderr), proc.stderr
     assert "judge_check: story" not in proc.stdout
+
+
+def test_token_figures_come_from_stories_answered_first_time_and_cost_from_every_story():
+    from bench.judge_check import billed_usd, figures
+    from conf import load_config
+    from reward.judge_client import JudgeResult
+    from reward.rubric import Judgment
+
+    judge = load_config(["conf=polaris"]).judge
+    judged = Judgment({}, {})
+    once = JudgeResult(judged, 50.0, 4000, 3000, 1, latency_s=100.0, thought_tokens=2500)
+    # a timeout, then an answer: its tokens sum both attempts, the first at its estimate
+    retried = JudgeResult(judged, 50.0, 8000, 7096, 2, latency_s=950.0, thought_tokens=2600)
+    failed = JudgeResult(None, None, 4000, 4096, 6, error="HTTP 503")
+    found = figures([once, retried, failed], [2000, 3000, 2500], judge)
+    assert (found["thought_tokens"], found["visible_tokens"], found["input_tokens"]) == (2500, 500, 4000)
+    assert found["story_words"] == 2000 and found["answered_first_time"] == 1 and found["attempts"] == 3
+    assert (found["latency_min_s"], found["latency_max_s"]) == (100.0, 950.0)
+    total = billed_usd(judge, 16000, 14192)
+    assert found["usd_per_call"] == pytest.approx(total / 3) and total == pytest.approx((16000 * 0.25 + 14192 * 1.5) / 1e6)
+    assert figures([retried, failed], [3000, 2500], judge) == {}
